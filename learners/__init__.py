@@ -1,0 +1,15 @@
+"""Exact, vmappable online learners: the CCN family (exact RTRL) and T-BPTT, with TD(lambda).
+
+    from learners import ccn, tbptt
+    cfg   = ccn.Config(n_inputs=12, total_columns=20, columns_per_stage=4, steps_per_stage=10_000_000)
+    hyper = ccn.Hyper(step_size=0.01, lam=0.99, normalization_rate=0.99999, std_cap=0.01)
+    state = ccn.init(cfg, hyper, key)
+    state, prediction = ccn.step(cfg, hyper, state, observation, cumulant, gamma)
+    ccn.cost(cfg)   # Cost(params, learning_params, flops_per_step, paper_ops_per_step)
+
+Learners know nothing of Ray, files or W&B.
+"""
+
+from learners import ccn, common, compute, runner, tbptt
+
+__all__ = ["ccn", "tbptt", "common", "compute", "runner"]

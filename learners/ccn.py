@@ -1,0 +1,409 @@
+"""Columnar, constructive and columnar-constructive networks (CCN) with exact RTRL and TD(lambda).
+
+One implementation, three shapes (ALGORITHMS.md sections 1-4, 8b), configured by
+`total_columns : columns_per_stage : steps_per_stage`:
+
+    columnar      N:N:inf   Config(n, N, N, None)      one stage, every column learns forever
+    constructive  N:1:S     Config(n, N, 1, S)         one new column every S steps
+    CCN           N:k:S     Config(n, N, k, S)         k independent columns per stage
+
+A column is a one-unit LSTM. Its parameters are packed per gate q in (i, f, g, o) as
+`weights[column, q, :] = [W_q (over its inputs) | u_q (self-recurrence) | b_q]`, and it sees
+the packed direct input `z = [x_hat | h_prev | 1]`, so a_q = weights[q] . z. Every column
+of every stage is allocated up front; a column of stage L reads the raw observation and the
+one-step-delayed hidden states of the columns of stages < L (a static mask over the padded
+input vector). Only the k columns of the learning stage keep RTRL traces, eligibility
+traces and RMSProp state (buffers of shape [k, 4, P]), so trace work is O(k * inputs).
+
+Shapes (d = n_inputs, N = total_columns, k = columns_per_stage, m = d + N - k padded
+inputs per column, P = m + 2 packed parameters per gate):
+    weights [N, 4, P]   h, c [N]   input_mean, input_var [N, m]
+    trace_h, trace_c, eligibility, rms.nu [k, 4, P]
+    head_w, head feature stats, head eligibility [N]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from learners import common
+from learners.compute import Cost
+
+GATES = ("i", "f", "g", "o")
+INIT_RANGE = 0.01  # every column parameter starts U(-0.01, 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static shape of a CCN-family learner (hashable: it selects the compiled program).
+
+    steps_per_stage=None means "inf": the first stage learns forever (columnar N:N:inf).
+    """
+
+    n_inputs: int
+    total_columns: int
+    columns_per_stage: int
+    steps_per_stage: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("n_inputs", "total_columns", "columns_per_stage"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"ccn.Config.{name} must be a positive integer, got {value!r}")
+        if self.total_columns % self.columns_per_stage:
+            raise ValueError(
+                f"ccn.Config: total_columns ({self.total_columns}) must be a multiple of "
+                f"columns_per_stage ({self.columns_per_stage})"
+            )
+        if self.steps_per_stage is not None and (
+            not isinstance(self.steps_per_stage, int | np.integer) or self.steps_per_stage < 1
+        ):
+            raise ValueError(
+                f"ccn.Config.steps_per_stage must be a positive integer or None (inf), "
+                f"got {self.steps_per_stage!r}"
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"ccn.Config.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @classmethod
+    def from_shape(cls, shape: str, n_inputs: int, dtype: str = "float32") -> Config:
+        """Parse the paper's "N:k:S" notation ("inf" allowed for S), e.g. "20:4:10000000"."""
+        parts = shape.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"CCN shape {shape!r} must look like 'total:per_stage:steps' (e.g. '20:4:50000')")
+        try:
+            total, per_stage = int(parts[0]), int(parts[1])
+            steps = None if parts[2].strip().lower() in ("inf", "none") else int(parts[2].replace("_", ""))
+        except ValueError:
+            raise ValueError(f"CCN shape {shape!r}: fields must be integers (the last may be 'inf')") from None
+        return cls(n_inputs, total, per_stage, steps, dtype)
+
+    @property
+    def shape(self) -> str:
+        steps = "inf" if self.steps_per_stage is None else str(self.steps_per_stage)
+        return f"{self.total_columns}:{self.columns_per_stage}:{steps}"
+
+    @property
+    def n_stages(self) -> int:
+        return self.total_columns // self.columns_per_stage
+
+    @property
+    def column_inputs(self) -> int:
+        """m: padded number of incoming signals per column (raw inputs + lower columns)."""
+        return self.n_inputs + self.total_columns - self.columns_per_stage
+
+    @property
+    def packed(self) -> int:
+        """P: packed parameters per gate: m input weights, 1 self-recurrent weight, 1 bias."""
+        return self.column_inputs + 2
+
+    def stage_inputs(self, stage: int) -> int:
+        """Real number of incoming signals of a column of `stage`."""
+        return self.n_inputs + stage * self.columns_per_stage
+
+
+class Hyper(NamedTuple):
+    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap)."""
+
+    step_size: float
+    lam: float
+    normalization_rate: float
+    std_cap: float
+
+
+class State(NamedTuple):
+    t: jax.Array  # [] int32, steps taken so far
+    weights: jax.Array  # [N, 4, P] packed column parameters
+    h: jax.Array  # [N] hidden states after the last forward pass
+    c: jax.Array  # [N] cell states
+    input_mean: jax.Array  # [N, m] per-column input statistics
+    input_var: jax.Array  # [N, m]
+    trace_h: jax.Array  # [k, 4, P] dh/dtheta of the learning columns (RTRL)
+    trace_c: jax.Array  # [k, 4, P] dc/dtheta
+    eligibility: jax.Array  # [k, 4, P] TD(lambda) traces of the learning columns
+    rms: optax.ScaleByRmsState  # nu [k, 4, P]
+    head_w: jax.Array  # [N]
+    head_b: jax.Array  # []
+    feature_mean: jax.Array  # [N] head feature statistics
+    feature_var: jax.Array  # [N]
+    features: jax.Array  # [N] normalised features of the last forward pass
+    head_eligibility: tuple  # (e_w [N], e_b [])
+    head_rms: optax.ScaleByRmsState  # nu: (s_w [N], s_b [])
+    prediction: jax.Array  # [] V of the last forward pass ("old")
+
+
+# --------------------------------------------------------------------------- structure
+def input_mask(cfg: Config) -> np.ndarray:
+    """[N, m] bool: which padded incoming signals each column really reads."""
+    n, k, d = cfg.total_columns, cfg.columns_per_stage, cfg.n_inputs
+    stage_of_column = np.arange(n) // k
+    lower = np.arange(n - k)  # lower-column slot j holds column j's delayed hidden state
+    mask = np.ones((n, cfg.column_inputs), dtype=bool)
+    mask[:, d:] = lower[None, :] < (stage_of_column[:, None] * k)
+    return mask
+
+
+def stage_at(cfg: Config, t: jax.Array) -> jax.Array:
+    """Stage learning at step t (0-based): it advances when t % S == S - 1, capped at the last."""
+    if cfg.steps_per_stage is None or cfg.n_stages == 1:
+        return jnp.zeros_like(t)
+    return jnp.minimum((t + 1) // cfg.steps_per_stage, cfg.n_stages - 1)
+
+
+def _learning_block(cfg: Config, array: jax.Array, start: jax.Array) -> jax.Array:
+    """Rows [start, start + k) of an [N, ...] array."""
+    if cfg.n_stages == 1:
+        return array
+    return lax.dynamic_slice_in_dim(array, start, cfg.columns_per_stage, axis=0)
+
+
+def _put_learning_block(cfg: Config, array: jax.Array, block: jax.Array, start: jax.Array) -> jax.Array:
+    if cfg.n_stages == 1:
+        return block
+    return lax.dynamic_update_slice_in_dim(array, block, start, axis=0)
+
+
+# --------------------------------------------------------------------------- init
+def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
+    """Fresh learner: column parameters U(-0.01, 0.01), head 0, statistics (0, 1), traces 0."""
+    del hyper  # the initial state does not depend on hyperparameters
+    dtype = common.resolve_dtype(cfg.dtype)
+    n, k, m, p = cfg.total_columns, cfg.columns_per_stage, cfg.column_inputs, cfg.packed
+    zeros_block = jnp.zeros((k, 4, p), dtype)
+    zeros_n = jnp.zeros((n,), dtype)
+    zero = jnp.zeros((), dtype)
+    return State(
+        t=jnp.zeros((), jnp.int32),
+        weights=common.uniform(key, (n, 4, p), -INIT_RANGE, INIT_RANGE, dtype),
+        h=zeros_n,
+        c=zeros_n,
+        input_mean=jnp.zeros((n, m), dtype),
+        input_var=jnp.ones((n, m), dtype),
+        trace_h=zeros_block,
+        trace_c=zeros_block,
+        eligibility=zeros_block,
+        rms=common.rmsprop_init(zeros_block),
+        head_w=zeros_n,
+        head_b=zero,
+        feature_mean=zeros_n,
+        feature_var=jnp.ones((n,), dtype),
+        features=zeros_n,
+        head_eligibility=(zeros_n, zero),
+        head_rms=common.rmsprop_init((zeros_n, zero)),
+        prediction=zero,
+    )
+
+
+# --------------------------------------------------------------------------- the column
+def column_forward(weights: jax.Array, z: jax.Array, c_prev: jax.Array):
+    """One step of a batch of one-unit LSTM columns.
+
+    weights [..., 4, P] packed (i, f, g, o); z [..., P] = [x_hat | h_prev | 1]; c_prev [...].
+    Returns (h, c, gates) with gates = (i, f, g, o), each [...].
+    """
+    a = jnp.einsum("...qp,...p->...q", weights, z)
+    i = jax.nn.sigmoid(a[..., 0])
+    f = jax.nn.sigmoid(a[..., 1])
+    g = jnp.tanh(a[..., 2])
+    o = jax.nn.sigmoid(a[..., 3])
+    c = f * c_prev + i * g
+    h = o * jnp.tanh(c)
+    return h, c, (i, f, g, o)
+
+
+def rtrl_update(weights, z, c_prev, c, gates, trace_h, trace_c):
+    """Exact RTRL traces of one-unit columns (ALGORITHMS.md section 1).
+
+    For a parameter theta of gate block q with direct input z_theta:
+        da_r/dtheta = [r == q] z_theta + u_r * H_prev
+        C = f C_prev + c_prev f' da_f + i g' da_g + g i' da_i
+        H = o (1 - tanh(c)^2) C + tanh(c) o' da_o
+    which, collecting the u_r * H_prev terms, is
+        C = f C_prev + A H_prev + Dc_q z_theta,   A = c_prev f' u_f + i g' u_g + g i' u_i
+        H = B C + E H_prev + Dh_q z_theta,         B = o (1 - tanh(c)^2),  E = tanh(c) o' u_o
+    with Dc = (g i', c_prev f', i g', 0) and Dh = (0, 0, 0, tanh(c) o') over q = (i, f, g, o).
+
+    weights [k, 4, P], z [k, P], c_prev, c [k], gates 4 x [k], traces [k, 4, P].
+    """
+    i, f, g, o = gates
+    d_i, d_f, d_g, d_o = i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)
+    u = weights[..., -2]  # [k, 4] self-recurrent weights (u_i, u_f, u_g, u_o)
+    tanh_c = jnp.tanh(c)
+    a_coef = c_prev * d_f * u[..., 1] + i * d_g * u[..., 2] + g * d_i * u[..., 0]
+    b_coef = o * (1 - tanh_c * tanh_c)
+    e_coef = tanh_c * d_o * u[..., 3]
+    zero = jnp.zeros_like(c)
+    direct_c = jnp.stack([g * d_i, c_prev * d_f, i * d_g, zero], axis=-1)  # [k, 4]
+    direct_h = jnp.stack([zero, zero, zero, tanh_c * d_o], axis=-1)  # only o feeds H directly
+    zq = z[..., None, :]  # [k, 1, P]
+    new_c = f[:, None, None] * trace_c + a_coef[:, None, None] * trace_h + direct_c[..., None] * zq
+    new_h = b_coef[:, None, None] * new_c + e_coef[:, None, None] * trace_h + direct_h[..., None] * zq
+    return new_h, new_c
+
+
+# --------------------------------------------------------------------------- one step
+def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
+    """Consume (x_{t+1}, cumulant, gamma), learn, and return (state, V(x_{t+1})).
+
+    observation [d]; cumulant, gamma []. Order (ALGORITHMS.md section 3): decay traces, add
+    grad V of the last forward pass, forward, delta, update.
+    """
+    dtype = state.head_b.dtype
+    n, k = cfg.total_columns, cfg.columns_per_stage
+    t = state.t
+    stage = stage_at(cfg, t)
+    start = stage * k
+    alpha = jnp.asarray(hyper.step_size, dtype)
+    gamma = jnp.asarray(gamma, dtype)
+    gamma_lambda = gamma * jnp.asarray(hyper.lam, dtype)
+    rate = jnp.asarray(hyper.normalization_rate, dtype)
+    std_cap = jnp.asarray(hyper.std_cap, dtype)
+
+    # A stage that starts now gets fresh RTRL traces, eligibility and RMSProp state (8b).
+    trace_h, trace_c, eligibility, rms = state.trace_h, state.trace_c, state.eligibility, state.rms
+    if cfg.n_stages > 1 and cfg.steps_per_stage is not None:
+        starts = stage != stage_at(cfg, jnp.maximum(t - 1, 0))
+        fresh = jnp.zeros_like(trace_h)
+        trace_h = jnp.where(starts, fresh, trace_h)
+        trace_c = jnp.where(starts, fresh, trace_c)
+        eligibility = jnp.where(starts, fresh, eligibility)
+        rms = optax.ScaleByRmsState(nu=jnp.where(starts, jnp.ones_like(rms.nu), rms.nu))
+
+    # 1-2. Decay the traces and add grad V(S_t) of the last forward pass. The column gradient
+    # uses the current head weight and the head variance of that forward pass.
+    head_scale = _learning_block(cfg, state.head_w / jnp.sqrt(state.feature_var), start)  # [k]
+    eligibility = common.accumulate_traces(eligibility, head_scale[:, None, None] * trace_h, gamma_lambda)
+    head_eligibility = common.accumulate_traces(
+        state.head_eligibility, (state.features, jnp.ones((), dtype)), gamma_lambda
+    )
+
+    # 3. Forward every column on x_{t+1} and the one-step-delayed lower hidden states.
+    mask = jnp.asarray(input_mask(cfg))
+    raw_inputs = jnp.concatenate([jnp.asarray(observation, dtype), state.h[: n - k]])  # [m]
+    x = jnp.broadcast_to(raw_inputs, (n, cfg.column_inputs))
+    x_hat = jnp.where(mask, common.normalize(state.input_mean, state.input_var, x), 0.0)
+    z = jnp.concatenate([x_hat, state.h[:, None], jnp.ones((n, 1), dtype)], axis=1)  # [N, P]
+    h, c, gates = column_forward(state.weights, z, state.c)
+
+    # RTRL on the learning columns only, with the same z the forward pass used.
+    learning = lambda a: _learning_block(cfg, a, start)  # noqa: E731
+    w_learning = learning(state.weights)
+    trace_h, trace_c = rtrl_update(
+        w_learning, learning(z), learning(state.c), learning(c), tuple(map(learning, gates)), trace_h, trace_c
+    )
+
+    # Input statistics of the learning columns, updated after the forward pass that used them.
+    old_mean, old_var, mask_l = learning(state.input_mean), learning(state.input_var), learning(mask)
+    mean_l, var_l = common.ema_update(old_mean, old_var, learning(x), rate, std_cap)
+    input_mean = _put_learning_block(cfg, state.input_mean, jnp.where(mask_l, mean_l, old_mean), start)
+    input_var = _put_learning_block(cfg, state.input_var, jnp.where(mask_l, var_l, old_var), start)
+
+    # Head feature statistics (every column, before the prediction), then V.
+    feature_mean, feature_var = common.ema_update(state.feature_mean, state.feature_var, h, rate, std_cap)
+    features = common.normalize(feature_mean, feature_var, h)
+    prediction = jnp.dot(state.head_w, features) + state.head_b
+
+    # 4-5. TD error and the RMSProp update of the learning columns and the active head.
+    delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
+    w_learning, rms = common.td_update(w_learning, rms, eligibility, delta, alpha)
+    weights = _put_learning_block(cfg, state.weights, w_learning, start)
+
+    n_active = (stage + 1) * k
+    head_alpha = alpha / n_active.astype(dtype)
+    (head_w, head_b), head_rms = common.td_update(
+        (state.head_w, state.head_b), state.head_rms, head_eligibility, delta, (head_alpha, head_alpha)
+    )
+    active = jnp.arange(n) < n_active
+    head_w = jnp.where(active, head_w, state.head_w)
+    head_rms = optax.ScaleByRmsState(nu=(jnp.where(active, head_rms.nu[0], state.head_rms.nu[0]), head_rms.nu[1]))
+
+    new_state = State(
+        t=t + 1,
+        weights=weights,
+        h=h,
+        c=c,
+        input_mean=input_mean,
+        input_var=input_var,
+        trace_h=trace_h,
+        trace_c=trace_c,
+        eligibility=eligibility,
+        rms=rms,
+        head_w=head_w,
+        head_b=head_b,
+        feature_mean=feature_mean,
+        feature_var=feature_var,
+        features=features,
+        head_eligibility=head_eligibility,
+        head_rms=head_rms,
+        prediction=prediction,
+    )
+    return new_state, prediction
+
+
+# --------------------------------------------------------------------------- compute accounting
+def column_params(n_column_inputs: int) -> int:
+    """4 * n_in + 8: input weights, self-recurrent weight and bias per gate."""
+    return 4 * n_column_inputs + 8
+
+
+def cost(cfg: Config) -> Cost:
+    """Parameters and per-step compute of the most expensive (last) stage, on the real sizes.
+
+    flops_per_step counts one floating-point operation per scalar add, subtract, multiply,
+    divide, max, compare or select, one per transcendental (exp, tanh, sqrt; a sigmoid is
+    1/(1+exp(-x)): 4), and 2*n per length-n dot product; see docs/compute.md. It counts
+    the forward pass of all N columns on their real inputs, RTRL on the k learning columns,
+    eligibility, RMSProp and input statistics of the learning columns, the head and its
+    statistics. paper_ops_per_step is the authors' rule: P_all (forward) + 4 * P_learning
+    (RTRL), which is 5 * P for a columnar network.
+    """
+    k, last = cfg.columns_per_stage, cfg.n_stages - 1
+    inputs_per_column = [cfg.stage_inputs(col // k) for col in range(cfg.total_columns)]
+    column_total = sum(column_params(n_in) for n_in in inputs_per_column)
+    n_head = cfg.total_columns + 1
+    learning_inputs = cfg.stage_inputs(last)
+    learning_column = column_params(learning_inputs)
+    n_active = cfg.n_stages * k  # in the last stage every column feeds the head
+    learning = k * learning_column + n_active + 1
+
+    flops = 0
+    for n_in in inputs_per_column:  # forward of every column
+        flops += _FORWARD_PER_INPUT * n_in + _FORWARD_PER_COLUMN
+    flops += k * (_LEARN_PER_PARAM * learning_column + _STATS_PER_INPUT * learning_inputs + _LEARN_PER_COLUMN)
+    flops += _HEAD_PER_COLUMN * cfg.total_columns + _HEAD_FIXED
+    paper_ops = column_total + n_head + 4 * k * learning_column
+    return Cost(
+        params=column_total + n_head,
+        learning_params=learning,
+        flops_per_step=int(flops),
+        paper_ops_per_step=int(paper_ops),
+    )
+
+
+# Per-element operation counts of the code above (see docs/compute.md for the derivation).
+# forward, per real input: normalise (sub, sqrt, div) 3, mask select 1, 4 gate MACs 8
+_FORWARD_PER_INPUT = 12
+# forward, per column: self-recurrence and bias MACs 16, 3 sigmoids 12, tanh 1, c 3, tanh + mul 2
+_FORWARD_PER_COLUMN = 34
+# per learning parameter: C (3 mul, 2 add), H (3 mul, 2 add),
+# eligibility (mul, mul, add), RMSProp (delta*e, square, 2 mul, add, sqrt, add, div, mul, add)
+_LEARN_PER_PARAM = 23
+# per learning input: EMA mean (3) and variance (sub, square, 2 mul, add, max) 6, 2 selects
+_STATS_PER_INPUT = 11
+# per learning column: gate derivatives and trace coefficients
+_LEARN_PER_COLUMN = 24
+# head, per column: feature stats 9, normalise 3, dot 2, eligibility 2, RMSProp 10, masking 3,
+# gradient scale w / sqrt(v) 2
+_HEAD_PER_COLUMN = 31
+_HEAD_FIXED = 20
+
+
+__all__ = ["Config", "Hyper", "State", "init", "step", "cost", "stage_at", "input_mask", "GATES"]
