@@ -15,7 +15,8 @@ Two forms of the same stream exist:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
@@ -50,13 +51,27 @@ class DeviceStream(Protocol):
     def step(self, state: Any) -> tuple[Any, StreamStep]: ...
 
 
+class HostStream(Protocol):
+    """A stream driven from the host (array form): each `take(n)` returns the next n steps.
+
+    `take(n)` -> StreamStep of numpy arrays: observation [n, d] float32, cumulant, gamma,
+    true_return [n] float32. Successive calls continue the same stream.
+    """
+
+    observation_size: int
+
+    def take(self, num_steps: int) -> StreamStep: ...
+
+
 class Reducer(NamedTuple):
-    """An on-device error accumulator used inside the learners' scan.
+    """An on-device error accumulator used inside the learners' scan (all pure, vmappable).
 
     init()                               -> R      (per run; a few numbers, never a per-step buffer)
     update(R, prediction [], StreamStep) -> R      (called once per step, inside scan)
     read(R)                              -> dict[str, jax.Array]   (scalars per run; host side,
                                                                      after a chunk)
+    `read` does not change R: a reducer that reports per-interval numbers counts its own steps and
+    rolls its interval over every `log_every` steps (environments/metrics.py).
     """
 
     init: Callable[[], Any]
