@@ -79,6 +79,7 @@ def resolve_dtype(name: str):
     """'float32' or 'float64' -> the numpy dtype (float64 needs jax_enable_x64)."""
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
-    if name == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) first")
+    if name == "float64" and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("dtype='float64' needs 64-bit JAX: jax.config.update('jax_enable_x64', True) "
+                         "or `with jax.enable_x64(True):`")
     return jnp.dtype(name)

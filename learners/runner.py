@@ -19,13 +19,14 @@ A learner is a module (or any object) with `init(cfg, hyper, key)` and
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from environments.core import DeviceStream, Reducer, StreamStep
+if TYPE_CHECKING:  # the protocols live with the streams; learners import nothing from there at run time
+    from environments.core import DeviceStream, Reducer, StreamStep
 
 
 class Carry(NamedTuple):
@@ -37,8 +38,8 @@ class Carry(NamedTuple):
     finite: jax.Array  # [] bool: every prediction so far was finite
 
 
-def _scan(learner, cfg, hyper, carry: Carry, n_steps, next_step, reducer: Reducer | None):
-    """Scan `n_steps` steps; `next_step(stream_state, xs_t) -> (stream_state, StreamStep)`."""
+def _scan_body(learner, cfg, hyper, next_step, reducer: Reducer | None):
+    """The scan body; `next_step(stream_state, xs_t) -> (stream_state, StreamStep)` yields each step."""
 
     def body(carry: Carry, xs_t):
         stream_state, step_t = next_step(carry.stream, xs_t)
@@ -57,7 +58,7 @@ def _scan(learner, cfg, hyper, carry: Carry, n_steps, next_step, reducer: Reduce
 def scan_arrays(learner, cfg, hyper, carry: Carry, steps: StreamStep, reducer: Reducer | None = None):
     """One run over an array chunk `steps` ([T, ...] leaves). Returns (carry, predictions [T] or None)."""
     next_step = lambda stream_state, step_t: (stream_state, step_t)  # noqa: E731
-    body = _scan(learner, cfg, hyper, carry, None, next_step, reducer)
+    body = _scan_body(learner, cfg, hyper, next_step, reducer)
     return lax.scan(body, carry, steps)
 
 
@@ -69,7 +70,7 @@ def scan_stream(
     Returns (carry, predictions [n_steps] or None).
     """
     next_step = lambda stream_state, _: stream.step(stream_state)  # noqa: E731
-    body = _scan(learner, cfg, hyper, carry, n_steps, next_step, reducer)
+    body = _scan_body(learner, cfg, hyper, next_step, reducer)
     return lax.scan(body, carry, None, length=n_steps)
 
 
