@@ -1,0 +1,97 @@
+"""The results schema: the one place that knows the columns of the `runs` and `metrics` tables.
+
+Documented in docs/results.md (a test checks the two agree). Columns are only ever added;
+every addition bumps SCHEMA_VERSION. Every file of a sweep has exactly these columns (a column
+that does not apply to a learner, e.g. `hidden` for a CCN, is null), so readers need no
+schema merging. `learner` and `task` are also the hive partition keys of the file paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from orchestrator.learner_kinds import LEARNER_KINDS
+from orchestrator.task_kinds import TASK_KINDS
+
+SCHEMA_VERSION = 1
+STATUSES = ("complete", "diverged")
+
+_ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string()}
+
+
+def _learner_setting_fields() -> list[pa.Field]:
+    """Shape, static and hyperparameter columns of every learner kind (union by name)."""
+    seen: dict[str, pa.Field] = {}
+    for kind in LEARNER_KINDS.values():
+        for name in kind.shape_fields:
+            seen.setdefault(name, pa.field(name, pa.int64()))
+        for field in kind.fields:
+            seen.setdefault(field.name, pa.field(field.name, _ARROW_TYPES[field.type]))
+    return list(seen.values())
+
+
+def _metric_names() -> list[str]:
+    return list(dict.fromkeys(name for kind in TASK_KINDS.values() for name in kind.metrics))
+
+
+LEARNER_SETTING_COLUMNS = tuple(field.name for field in _learner_setting_fields())
+METRIC_COLUMNS = tuple(_metric_names())
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_key", pa.string(), nullable=False),  # sha256 of the run's canonical JSON
+        pa.field("sweep", pa.string(), nullable=False),
+        pa.field("learner", pa.string(), nullable=False),  # learner kind: ccn | tbptt (partition key)
+        pa.field("learner_name", pa.string()),  # label: columnar | constructive | ccn | tbptt | name = "..."
+        pa.field("shape", pa.string()),  # "20:4:50000", "10:5"
+        *_learner_setting_fields(),  # every shape field and hyperparameter, typed; null where n/a
+        pa.field("task", pa.string(), nullable=False),  # task name (partition key)
+        pa.field("task_kind", pa.string()),
+        pa.field("task_params", pa.string()),  # JSON object of the task's parameters
+        pa.field("n_inputs", pa.int64()),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("steps", pa.int64()),
+        pa.field("log_every", pa.int64()),
+        pa.field("params", pa.int64()),
+        pa.field("learning_params", pa.int64()),
+        pa.field("flops_per_step", pa.int64()),
+        pa.field("paper_ops_per_step", pa.int64()),
+        pa.field("status", pa.string(), nullable=False),  # complete | diverged
+        pa.field("diverged_at_step", pa.int64()),  # first step with a non-finite prediction or state
+        pa.field("batch_key", pa.string()),  # the file this row lives in
+        pa.field("batch_size", pa.int64()),  # runs vmapped together (before padding)
+        pa.field("wall_seconds", pa.float64()),  # wall time of the whole batch (compile included)
+        pa.field("attempt", pa.int64()),  # 1 for a first try
+        pa.field("host", pa.string()),
+        pa.field("device", pa.string()),  # e.g. "cpu", "cuda:0 NVIDIA H100"
+        pa.field("package_version", pa.string()),
+        pa.field("schema_version", pa.int64()),
+        pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    ],
+    metadata={"ccn_sweeps.table": "runs", "ccn_sweeps.schema_version": str(SCHEMA_VERSION)},
+)
+
+METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("run_key", pa.string(), nullable=False),
+        pa.field("learner", pa.string(), nullable=False),  # partition key
+        pa.field("task", pa.string(), nullable=False),  # partition key
+        pa.field("step", pa.int64(), nullable=False),  # steps taken when the metrics were read
+        pa.field("cumulative_flops", pa.int64()),  # flops_per_step * step
+        *(pa.field(name, pa.float64()) for name in METRIC_COLUMNS),  # null where the task has none
+    ],
+    metadata={"ccn_sweeps.table": "metrics", "ccn_sweeps.schema_version": str(SCHEMA_VERSION)},
+)
+
+TABLES = {"runs": RUNS_SCHEMA, "metrics": METRICS_SCHEMA}
+
+
+def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) -> an Arrow table of exactly the schema of `name`; unknown keys are an error."""
+    schema = TABLES[name]
+    unknown = {key for row in rows for key in row} - set(schema.names)
+    if unknown:
+        raise ValueError(f"{name} rows have columns the schema lacks: {sorted(unknown)} (add them to schema.py)")
+    return pa.Table.from_pydict({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
