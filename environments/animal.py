@@ -12,8 +12,8 @@ builders below fix its fields for each task and variant (docs/environments.md):
 
 A stream is a frozen (hashable) dataclass, so jitted code can close over it; `init(key)` and
 `step(state)` are pure and vmappable over keys. Randomness is addressed, not carried: a trial's
-draws come from `fold_in(trial_key, trial_index)` and a step's from `fold_in(step_key, step_count)`,
-so the stream does not depend on how it is chunked and future trials can be looked at early.
+draws are the threefry hash of (trial_key, trial_index, word) and a step's of (step_key, step_count,
+word), so the stream does not depend on how it is chunked and future trials can be looked at early.
 The true return is computed online from the state's queue of the current and the next
 `lookahead_trials` trials (their US times are known when they are drawn).
 """
@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry_2x32
 
 from environments.core import StreamStep
 
@@ -98,7 +99,7 @@ class Trial(NamedTuple):
 class ConditioningState(NamedTuple):
     """A conditioning stream's state (per run; vmap adds a leading batch axis).
 
-    trial_key, step_key:   PRNG keys addressed by trial index / step count
+    trial_key, step_key:   [2] uint32 threefry keys, hashed with the trial index / step count
     reinforced_patterns:   [num_reinforced, num_cs] f32  valid (paper) / activation (rafiee) patterns
     step_count:            []  uint32  steps emitted so far (wraps after 2^32: keys repeat)
     phase:                 []  int32   steps since the current trial's onset
@@ -161,9 +162,8 @@ class ConditioningStream:
 
     def init(self, key: jax.Array) -> ConditioningState:
         """State at the first trial's onset; `key` is the environment key (split_run_seed)."""
-        pattern_key = jax.random.fold_in(key, 0)
-        trial_key = jax.random.fold_in(key, 1)
-        step_key = jax.random.fold_in(key, 2)
+        key_words = jax.random.bits(key, (6,), jnp.uint32)  # works for any PRNG key type
+        pattern_key, trial_key, step_key = key_words[0:2], key_words[2:4], key_words[4:6]
         reinforced = self._draw_reinforced_patterns(pattern_key)
         queue = jax.vmap(lambda index: self._draw_trial(trial_key, reinforced, index))(
             jnp.arange(self.lookahead_trials + 1, dtype=jnp.int32)
@@ -219,7 +219,7 @@ class ConditioningStream:
         if self.pattern_rule == "single_cs":
             return jnp.ones((1, self.num_cs), jnp.float32)
         table = jnp.asarray(half_on_patterns(self.num_cs))
-        shuffled_rows = jnp.argsort(jax.random.bits(key, (table.shape[0],)))
+        shuffled_rows = jnp.argsort(_hash_words(key, jnp.uint32(0), table.shape[0]))
         return table[shuffled_rows[: self.num_reinforced_patterns]]
 
     def _draw_trial(self, trial_key: jax.Array, reinforced: jax.Array, trial_index: jax.Array) -> Trial:
@@ -227,9 +227,7 @@ class ConditioningStream:
 
         All of a trial's draws come from one block of random 32-bit words (cheap to compile).
         """
-        words = jax.random.bits(
-            jax.random.fold_in(trial_key, trial_index), (5 + self.num_cs + self.num_distractors,)
-        )
+        words = _hash_words(trial_key, trial_index, 5 + self.num_cs + self.num_distractors)
         isi = _integer_from_bits(words[0], *self.isi_range)
         iti = _integer_from_bits(words[1], *self.iti_range)
         pattern_bits = _coin_from_bits(words[5 : 5 + self.num_cs])
@@ -276,9 +274,7 @@ class ConditioningStream:
             return jnp.zeros((0,), jnp.float32), run_length
         if self.distractor_rule == "pattern_at_trial_start":
             return current.distractor_pattern * (state.phase < self.distractor_steps), run_length
-        draws = _uniform_from_bits(
-            jax.random.bits(jax.random.fold_in(state.step_key, state.step_count), (self.num_distractors,))
-        )
+        draws = _uniform_from_bits(_hash_words(state.step_key, state.step_count, self.num_distractors))
         fires = draws < jnp.asarray(distractor_probabilities(self.num_distractors))
         if self.distractor_rule == "bernoulli_each_step":
             return fires.astype(jnp.float32), run_length
@@ -297,6 +293,14 @@ class ConditioningStream:
         counted = queue.has_us[:, None] & (exponent >= 0)
         discount = jnp.float32(self.gamma) ** jnp.maximum(exponent, 0).astype(jnp.float32)
         return jnp.sum(jnp.where(counted, discount, 0.0)).astype(jnp.float32)
+
+
+def _hash_words(key: jax.Array, index: jax.Array, count: int) -> jax.Array:
+    """`count` random uint32 words addressed by (key [2] uint32, index, word number): [count]."""
+    counters = jnp.concatenate(
+        [jnp.full((count,), index, jnp.uint32), jnp.arange(count, dtype=jnp.uint32)]
+    )
+    return threefry_2x32(key, counters)[:count]
 
 
 def _uniform_from_bits(words: jax.Array) -> jax.Array:
