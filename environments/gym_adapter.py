@@ -16,6 +16,7 @@ returns for those steps (this bounds memory for continuing or very long episodes
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,7 @@ class GymStream:
         self._episode_over = True  # the next generated step is a reset step
         self._last_observation: Any = None
         # Steps of finished (or flushed) episodes, with returns, not yet delivered:
-        self._ready: list[StreamStep] = []
+        self._ready: deque[StreamStep] = deque()
         self._ready_steps = 0
         # Steps of the episode in progress (no return known yet):
         self._open_observations: list[np.ndarray] = []
@@ -119,15 +120,24 @@ class GymStream:
         n = checked_step_count(num_steps)
         while self._ready_steps < n:
             self._generate_step()
-        merged = StreamStep(*(np.concatenate(parts) for parts in zip(*self._ready, strict=True))) \
-            if self._ready else StreamStep(np.zeros((0, self.observation_size), np.float32),
-                                           *(np.zeros(0, np.float32) for _ in range(3)))
-        chunk = StreamStep(*(field[:n] for field in merged))
-        rest = StreamStep(*(field[n:] for field in merged))
-        self._ready = [rest] if len(rest.cumulant) else []
-        self._ready_steps = len(rest.cumulant)
+        parts: list[StreamStep] = []
+        still_needed = n
+        while still_needed > 0:
+            piece = self._ready[0]
+            if len(piece.cumulant) <= still_needed:
+                parts.append(self._ready.popleft())
+                still_needed -= len(piece.cumulant)
+            else:
+                parts.append(StreamStep(*(field[:still_needed] for field in piece)))
+                self._ready[0] = StreamStep(*(field[still_needed:] for field in piece))
+                still_needed = 0
+        self._ready_steps -= n
         self.steps_taken += n
-        return chunk
+        if not parts:
+            empty = np.zeros(0, np.float32)
+            return StreamStep(np.zeros((0, self.observation_size), np.float32), empty, empty.copy(),
+                              empty.copy())
+        return StreamStep(*(np.concatenate(fields) for fields in zip(*parts, strict=True)))
 
     def close(self) -> None:
         self.env.close()
