@@ -1,0 +1,140 @@
+"""`ccn`: the command line over orchestrator.api.
+
+    ccn run SPEC [--results DIR_OR_URI] [--address ADDR] [--batch-size B] [--workers N] [--wandb MODE]
+    ccn status SPEC [--results DIR_OR_URI]
+    ccn compare SPEC [--results DIR_OR_URI] [--metric msre_window]
+    ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
+
+Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster is unreachable;
+2 the spec (or a command-line value) is invalid, before any compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator import api
+from orchestrator.spec import SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccn", description="Run compute-matched sweeps of online learners on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("spec", metavar="SPEC", help="the sweep spec (TOML), e.g. sweeps/demo.toml")
+        sub.add_argument(
+            "--results",
+            default=api.DEFAULT_RESULTS,
+            metavar="DIR_OR_URI",
+            help="results root: a folder or a pyarrow filesystem URI (default: ./results)",
+        )
+        return sub
+
+    run = command("run", "run every run of SPEC that the results do not hold yet")
+    run.add_argument("--address", metavar="ADDR", help="attach to this Ray cluster (default: start a local one)")
+    run.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
+    run.add_argument("--workers", type=_positive_int, metavar="N", help="local CPU workers (default: all cores)")
+    run.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
+    run.add_argument("--wandb", choices=api.WANDB_MODES, default="disabled", help="W&B tracking mode")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    command("status", "report done / missing / diverged / failed runs of SPEC from the results")
+
+    comparison = command("compare", "print the best setting of each learner shape on each task")
+    comparison.add_argument("--metric", default="msre_window", help="the metric to rank by (default: msre_window)")
+
+    plan = command("plan", "validate SPEC and show what `ccn run` would do, without running anything")
+    plan.add_argument("--batch-size", type=_positive_int, metavar="B")
+    plan.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[arguments.command](arguments)
+    except SpecError as error:
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nccn: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(arguments) -> int:
+    from orchestrator.schedule import ClusterError
+
+    if arguments.wandb != "disabled":
+        print(
+            f"ccn: --wandb {arguments.wandb}: W&B tracking arrives in a later release; running without it",
+            file=sys.stderr,
+        )
+    try:
+        report = api.run_sweep(
+            arguments.spec,
+            arguments.results,
+            address=arguments.address,
+            batch_size=arguments.batch_size,
+            workers=arguments.workers,
+            max_attempts=arguments.max_attempts,
+            wandb=arguments.wandb,
+            progress=not arguments.quiet,
+        )
+    except ClusterError as error:
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"sweep {report.sweep!r}: {report.total} runs; {report.already_done} were already done, {report.ran} ran now "
+        f"({report.diverged} diverged in all), {report.failed} failed; {report.seconds:.1f}s; "
+        f"results in {report.results}"
+    )
+    for failure in report.failures:
+        print(f"  failed batch {failure['batch_key'][:12]} ({len(failure['run_keys'])} runs): {failure['error']}")
+    if report.interrupted:
+        print("ccn: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _status(arguments) -> int:
+    print(api.sweep_status(arguments.spec, arguments.results).describe())
+    return EXIT_OK
+
+
+def _compare(arguments) -> int:
+    try:
+        table = api.compare(arguments.spec, arguments.results, metric=arguments.metric)
+    except ValueError as error:
+        if isinstance(error, SpecError):
+            raise
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(api.format_comparison(table, arguments.metric))
+    return EXIT_OK
+
+
+def _plan(arguments) -> int:
+    plan = api.plan_sweep(arguments.spec, arguments.results, workers=arguments.workers, batch_size=arguments.batch_size)
+    print(plan.describe())
+    return EXIT_OK
+
+
+COMMANDS = {"run": _run, "status": _status, "compare": _compare, "plan": _plan}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Execute one batch: one compiled program advancing every run of the batch chunk by chunk.
+
+No Ray here: an actor (orchestrator.schedule) holds a `BatchExecutor`, and so can a script or
+a benchmark. The executor keeps one `learners.runner.BatchRunner` per static signature, so each
+signature compiles once per process; hyperparameters and seeds are arrays [B]. A chunk is
+`log_every` steps; after each chunk the host reads only the reduced metrics [B].
+
+Divergence: the task's reducer is wrapped so that a run's first non-finite prediction records
+the step and freezes its metrics; after each chunk the learner state is also checked for
+non-finite values. Such a run is `diverged`; the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from orchestrator.learner_kinds import LEARNER_KINDS
+from orchestrator.plan import Batch
+from orchestrator.runs import Run, package_version
+from orchestrator.schema import SCHEMA_VERSION, to_table
+from orchestrator.task_kinds import TASK_KINDS, build_atari_stream, build_device_stream
+
+NOT_DIVERGED = -1
+
+
+class GuardState(NamedTuple):
+    inner: Any  # the task reducer's state
+    steps: Any  # [] int32: steps seen
+    diverged_at: Any  # [] int32: steps seen at the first non-finite prediction, or NOT_DIVERGED
+
+
+def guard_reducer(reducer):
+    """Wrap a Reducer: stop counting a run's metrics at its first non-finite prediction."""
+    import jax
+    import jax.numpy as jnp
+
+    from environments.core import Reducer
+
+    def init():
+        return GuardState(reducer.init(), jnp.zeros((), jnp.int32), jnp.full((), NOT_DIVERGED, jnp.int32))
+
+    def update(state: GuardState, prediction, step):
+        steps = state.steps + 1
+        healthy = state.diverged_at == NOT_DIVERGED
+        finite = jnp.isfinite(prediction)
+        updated = reducer.update(state.inner, jnp.where(finite, prediction, 0.0), step)
+        keep = healthy & finite
+        inner = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, state.inner)
+        diverged_at = jnp.where(healthy & ~finite, steps, state.diverged_at)
+        return GuardState(inner, steps, diverged_at)
+
+    def read(state: GuardState):
+        return {**reducer.read(state.inner), "diverged_at": state.diverged_at}
+
+    return Reducer(init=init, update=update, read=read)
+
+
+def task_reducer(task, log_every: int):
+    """The task's on-device error measures (names as in TaskKind.metrics)."""
+    from environments import metrics
+
+    return metrics.make_reducer(task.kind, window=task.params_dict.get("window"), log_every=log_every)
+
+
+def device_description() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return "cpu"
+    return f"{device.platform}:{device.id} {getattr(device, 'device_kind', '')}".strip()
+
+
+@dataclass
+class _Compiled:
+    """What one static signature needs: the runner (compiled on first use) and read-outs."""
+
+    runner: Any
+    read_metrics: Any  # carry -> dict of [B] arrays
+    state_finite: Any  # carry -> [B] bool
+    device_stream: bool  # generated inside the scan (else replayed from a recording per batch)
+    module: Any
+    cost: Any
+
+
+class BatchExecutor:
+    """Runs batches in this process; compiles once per static signature (cache in `compiled`)."""
+
+    def __init__(self, compilation_cache_dir: str | None = None):
+        import jax
+
+        if compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        self.compiled: dict[tuple, _Compiled] = {}
+        self.host = socket.gethostname()
+        self.device = device_description()
+
+    def _compile(self, batch: Batch) -> _Compiled:
+        import jax
+        import jax.numpy as jnp
+
+        from learners import runner as learner_runner
+
+        if batch.signature in self.compiled:
+            return self.compiled[batch.signature]
+        run = batch.runs[0]
+        kind = LEARNER_KINDS[run.learner]
+        module = kind.learners_module()
+        cfg = kind.make_config(run.config_dict, run.task.n_inputs)
+        reducer = guard_reducer(task_reducer(run.task, run.log_every))
+        device_stream = TASK_KINDS[run.task.kind].device
+        stream = build_device_stream(run.task.kind, run.task.params_dict) if device_stream else None
+        runner = learner_runner.BatchRunner(module, cfg, stream=stream, reducer=reducer, chunk_steps=run.log_every)
+        read_metrics = jax.jit(lambda carry: jax.vmap(reducer.read)(carry.reducer))
+
+        def state_finite(carry):
+            """[B] bool: every float in each run's learner state is finite (and every prediction was)."""
+            size = carry.finite.shape[0]
+            checks = [
+                jnp.all(jnp.isfinite(leaf.reshape(size, -1)), axis=1)
+                for leaf in jax.tree.leaves(carry.learner)
+                if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.ndim >= 1 and leaf.shape[0] == size
+            ]
+            return jnp.all(jnp.stack(checks), axis=0) & carry.finite
+
+        cost = kind.cost(run.config_dict, run.task.n_inputs)
+        compiled = _Compiled(runner, read_metrics, jax.jit(state_finite), device_stream, module, cost)
+        self.compiled[batch.signature] = compiled
+        return compiled
+
+    def run(self, batch: Batch, attempt: int = 1) -> tuple[list[dict], list[dict]]:
+        """Advance every run of `batch` to the end; returns (runs rows, metrics rows)."""
+        import jax
+        import jax.numpy as jnp
+
+        from environments.animal import split_run_seed
+        from learners.runner import stack_hypers
+
+        started = time.perf_counter()
+        compiled = self._compile(batch)
+        padded = list(batch.runs) + [batch.runs[-1]] * (batch.padded_size - len(batch.runs))
+        hypers = stack_hypers(compiled.module.Hyper, [run.hyper_dict for run in padded])
+        seeds = jnp.asarray([run.seed for run in padded], jnp.uint32)
+        env_keys, learner_keys = jax.vmap(split_run_seed)(seeds)
+        recorded = None if compiled.device_stream else build_atari_stream(batch.runs[0].task.params_dict)
+        carry = compiled.runner.init(hypers, learner_keys, env_keys if compiled.device_stream else None)
+
+        run0 = batch.runs[0]
+        chunks = run0.steps // run0.log_every
+        size = len(batch.runs)
+        diverged_at = np.full(size, NOT_DIVERGED, np.int64)
+        metric_rows: list[dict] = []
+        for chunk in range(chunks):
+            steps_done = (chunk + 1) * run0.log_every
+            if recorded is None:
+                carry, _ = compiled.runner.advance(hypers, carry)
+            else:
+                carry, _ = compiled.runner.advance(hypers, carry, recorded.take(run0.log_every))
+            values = jax.device_get(compiled.read_metrics(carry))
+            finite = np.asarray(jax.device_get(compiled.state_finite(carry)))[:size]
+            prediction_diverged = np.asarray(values.pop("diverged_at"))[:size]
+            newly = (diverged_at == NOT_DIVERGED) & (prediction_diverged != NOT_DIVERGED)
+            diverged_at[newly] = prediction_diverged[newly]
+            newly = (diverged_at == NOT_DIVERGED) & ~finite
+            diverged_at[newly] = steps_done
+            for index, run in enumerate(batch.runs):
+                if diverged_at[index] != NOT_DIVERGED:
+                    continue
+                row = {
+                    "run_key": run.run_key,
+                    "learner": run.learner,
+                    "task": run.task.name,
+                    "step": steps_done,
+                    "cumulative_flops": compiled.cost.flops_per_step * steps_done,
+                }
+                row.update({name: _float(value[index]) for name, value in values.items()})
+                metric_rows.append(row)
+
+        wall_seconds = time.perf_counter() - started
+        finished_at = datetime.now(UTC)
+        run_rows = [
+            runs_row(
+                run,
+                batch,
+                compiled.cost,
+                diverged_at=int(diverged_at[i]),
+                wall_seconds=wall_seconds,
+                attempt=attempt,
+                finished_at=finished_at,
+                host=self.host,
+                device=self.device,
+            )
+            for i, run in enumerate(batch.runs)
+        ]
+        return run_rows, metric_rows
+
+    def tables(self, batch: Batch, attempt: int = 1):
+        """run(...) as Arrow tables of the results schema: (runs, metrics)."""
+        run_rows, metric_rows = self.run(batch, attempt)
+        return to_table("runs", run_rows), to_table("metrics", metric_rows)
+
+
+def runs_row(
+    run: Run,
+    batch: Batch,
+    cost,
+    *,
+    diverged_at: int,
+    wall_seconds: float,
+    attempt: int,
+    finished_at: datetime,
+    host: str,
+    device: str,
+) -> dict:
+    """The `runs` row of one run of a finished batch (see orchestrator.schema)."""
+    kind = LEARNER_KINDS[run.learner]
+    return {
+        "run_key": run.run_key,
+        "sweep": batch.sweep,
+        "learner": run.learner,
+        "learner_name": run.learner_name,
+        "shape": kind.format_shape(run.config_dict),
+        **run.config_dict,
+        **run.hyper_dict,
+        "task": run.task.name,
+        "task_kind": run.task.kind,
+        "task_params": json.dumps(dict(run.task.params), sort_keys=True),
+        "n_inputs": run.task.n_inputs,
+        "seed": run.seed,
+        "steps": run.steps,
+        "log_every": run.log_every,
+        "params": cost.params,
+        "learning_params": cost.learning_params,
+        "flops_per_step": cost.flops_per_step,
+        "paper_ops_per_step": cost.paper_ops_per_step,
+        "status": "complete" if diverged_at == NOT_DIVERGED else "diverged",
+        "diverged_at_step": None if diverged_at == NOT_DIVERGED else diverged_at,
+        "batch_key": batch.batch_key,
+        "batch_size": len(batch.runs),
+        "wall_seconds": wall_seconds,
+        "attempt": attempt,
+        "host": host,
+        "device": device,
+        "package_version": package_version(),
+        "schema_version": SCHEMA_VERSION,
+        "finished_at": finished_at,
+    }
+
+
+def _float(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def default_compilation_cache_dir() -> str:
+    """$CCN_JAX_CACHE_DIR, else ./.jax_cache (persistent XLA compilation cache)."""
+    return os.environ.get("CCN_JAX_CACHE_DIR") or os.path.abspath(".jax_cache")
