@@ -82,6 +82,15 @@ def init_carry(learner, cfg, hyper, learner_key, stream: DeviceStream | None = N
     return Carry(learner.init(cfg, hyper, learner_key), stream_state, reducer_state, jnp.array(True))
 
 
+def batch_axes(carry: Carry) -> Carry:
+    """vmap axes of a batch's carry: every leaf batched on axis 0 except the learner's step
+    counter `t`, which all runs of a batch share (they advance in lockstep). Keeping it
+    unbatched lets stage schedules and window fills index with a scalar (a slice, not a
+    per-run gather/scatter)."""
+    axes = jax.tree.map(lambda _: 0, carry)
+    return axes._replace(learner=axes.learner._replace(t=None))
+
+
 class BatchRunner:
     """A batch of runs of one learner config on one stream, compiled once.
 
@@ -99,16 +108,20 @@ class BatchRunner:
         if stream is not None and not chunk_steps:
             raise ValueError("BatchRunner with a device stream needs chunk_steps > 0")
         self.learner, self.cfg, self.stream, self.reducer, self.chunk_steps = learner, cfg, stream, reducer, chunk_steps
-        init_one = functools.partial(init_carry, learner, cfg, stream=stream, reducer=reducer)
-        self._init = jax.jit(jax.vmap(lambda hyper, lk, sk: init_one(hyper, lk, stream_key=sk)))
+        carry_of = functools.partial(init_carry, learner, cfg, stream=stream, reducer=reducer)
+        init_one = lambda hyper, lk, sk: carry_of(hyper, lk, stream_key=sk)  # noqa: E731
+        some_hyper = learner.Hyper(*[0.0] * len(learner.Hyper._fields))
+        key = jax.random.PRNGKey(0)
+        axes = batch_axes(jax.eval_shape(init_one, some_hyper, key, key))
+        self._init = jax.jit(jax.vmap(init_one, out_axes=axes))
+        donate_argnums = (1,) if donate else ()
         if stream is not None:
             one = lambda hyper, carry: scan_stream(learner, cfg, hyper, carry, stream, chunk_steps, reducer)  # noqa: E731
-            batched = jax.vmap(one)
-            self._advance = jax.jit(lambda hyper, carry: batched(hyper, carry), donate_argnums=(1,) if donate else ())
+            self._advance = jax.jit(jax.vmap(one, in_axes=(0, axes), out_axes=(axes, 0)), donate_argnums=donate_argnums)
         else:
             one = lambda hyper, carry, steps: scan_arrays(learner, cfg, hyper, carry, steps, reducer)  # noqa: E731
-            batched = jax.vmap(one, in_axes=(0, 0, None))
-            self._advance = jax.jit(batched, donate_argnums=(1,) if donate else ())
+            batched = jax.vmap(one, in_axes=(0, axes, None), out_axes=(axes, 0))
+            self._advance = jax.jit(batched, donate_argnums=donate_argnums)
 
     def init(self, hypers, learner_keys: jax.Array, stream_keys: jax.Array | None = None) -> Carry:
         """hypers: the learner's Hyper with [B] arrays; keys [B, 2] (stream_keys only for a device stream)."""
