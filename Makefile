@@ -20,8 +20,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	@echo "make demo arrives with the orchestrator (issue 4): there is no sweep runner yet." >&2
-	@exit 2
+	$(BIN)/ccn run sweeps/demo.toml --results results
+	$(BIN)/ccn compare sweeps/demo.toml --results results
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/learners.py

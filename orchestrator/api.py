@@ -88,6 +88,7 @@ class SweepReport:
     workers: int
     actors_used: int
     failures: list[dict[str, Any]]
+    busiest_actor_compute_seconds: float = 0.0  # executor time (compile + chunks) of the busiest actor
 
     @property
     def ok(self) -> bool:
@@ -168,8 +169,9 @@ def run_sweep(
         interrupted=outcome.interrupted,
         seconds=time.perf_counter() - started,
         workers=outcome.workers,
-        actors_used=len(outcome.actors_used),
+        actors_used=len(outcome.actor_compute_seconds),
         failures=outcome.failed_batches,
+        busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
     )
 
 

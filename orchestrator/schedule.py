@@ -49,7 +49,8 @@ class BatchWorker:
             "batch_key": batch.batch_key,
             "runs": len(statuses),
             "diverged": statuses.count("diverged"),
-            "seconds": time.perf_counter() - started,
+            "seconds": time.perf_counter() - started,  # compute and writing
+            "compute_seconds": runs["wall_seconds"][0].as_py() if len(statuses) else 0.0,
             "host": self.executor.host,
             "pid": os.getpid(),
         }
@@ -66,7 +67,7 @@ class SweepOutcome:
     interrupted: bool = False
     workers: int = 0
     seconds: float = 0.0
-    actors_used: set = field(default_factory=set)
+    actor_compute_seconds: dict = field(default_factory=dict)  # (host, pid) -> executor seconds
 
     @property
     def runs_failed(self) -> int:
@@ -205,7 +206,10 @@ def run_batches(
                 outcome.batches_done += 1
                 outcome.runs_done += summary["runs"]
                 outcome.runs_diverged += summary["diverged"]
-                outcome.actors_used.add((summary["host"], summary["pid"]))
+                actor_key = (summary["host"], summary["pid"])
+                outcome.actor_compute_seconds[actor_key] = (
+                    outcome.actor_compute_seconds.get(actor_key, 0.0) + summary["compute_seconds"]
+                )
                 if progress:
                     progress.finished(batch, summary)
     except KeyboardInterrupt:

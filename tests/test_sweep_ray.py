@@ -171,6 +171,40 @@ def test_driver_killed_mid_sweep_then_rerun_completes_only_the_missing_runs(ray_
     assert metric_rows[0] == metric_rows[1] == total * 20
 
 
+def test_ctrl_c_stops_the_driver_cleanly_keeping_what_was_written(ray_cluster, tmp_path):
+    spec = write_spec(tmp_path, LONGER.replace('name = "ray-resume"', 'name = "ray-interrupt"'))
+    results = tmp_path / "results"
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        str(spec),
+        "--results",
+        str(results),
+        "--address",
+        ray_cluster,
+        "--quiet",
+    ]
+    driver = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    runs_dir = results / "ray-interrupt" / "runs"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None and not list(runs_dir.glob("**/*.parquet")):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    _, error = driver.communicate(timeout=30)
+    assert driver.returncode == 130, error
+    assert "interrupted; rerun the same command to finish what is missing" in error
+    status = api.sweep_status(spec, str(results))
+    assert status.done >= 1 and status.failed == 0 and not status.duplicates
+
+
 def test_unreachable_cluster_address_is_one_clear_error_before_compute(tmp_path, capsys):
     spec = write_spec(tmp_path, SPEC)
     code = cli.main(["run", str(spec), "--results", str(tmp_path / "results"), "--address", "127.0.0.1:9"])
