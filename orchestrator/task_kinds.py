@@ -44,7 +44,7 @@ class TaskKind:
         """params with the environment's defaults filled in (so that writing a default or leaving
         it out names the same task and the same run keys)."""
         if not self.device:
-            return dict(params)
+            return {"policy": "file", **params}
         from environments import animal
 
         variant = params.get("variant", animal.DEFAULT_VARIANT[self.name])
