@@ -105,6 +105,9 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for people
             raise ClusterError(f"cannot attach to the Ray cluster at {address!r}: {error}") from None
         return True
+    # Ray runs worker processes at niceness 15 by default; a local sweep is the user's foreground
+    # work, so its actors run at normal priority unless $RAY_worker_niceness says otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
