@@ -10,6 +10,15 @@
 Learners know nothing of Ray, files or W&B.
 """
 
-from learners import ccn, common, compute, runner, tbptt
+import os
+
+# XLA:CPU copies every loop-carried buffer a scan body updates in place (the learners' state)
+# unless copy insertion uses region analysis; with it the copies vanish (docs/benchmarks.md).
+# It only takes effect if set before JAX starts its CPU backend; an explicit setting wins.
+_REGION_ANALYSIS = "--xla_cpu_copy_insertion_use_region_analysis"
+if _REGION_ANALYSIS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_REGION_ANALYSIS}=true").strip()
+
+from learners import ccn, common, compute, runner, tbptt  # noqa: E402
 
 __all__ = ["ccn", "tbptt", "common", "compute", "runner"]

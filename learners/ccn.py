@@ -12,8 +12,10 @@ A column is a one-unit LSTM. Its parameters are packed per gate q in (i, f, g, o
 the packed direct input `z = [x_hat | h_prev | 1]`, so a_q = weights[q] . z. Every column
 of every stage is allocated up front; a column of stage L reads the raw observation and the
 one-step-delayed hidden states of the columns of stages < L (a static mask over the padded
-input vector). Only the k columns of the learning stage keep RTRL traces, eligibility
-traces and RMSProp state (buffers of shape [k, 4, P]), so trace work is O(k * inputs).
+input vector). The k columns of the learning stage live in a `LearningBlock` of their own
+(parameters, input statistics, RTRL traces, eligibility and RMSProp state, [k, ...]), so
+trace work is O(k * inputs) and the hot loop never slices the full arrays; when a stage
+starts, the finished block is written back (frozen) and the next one loaded.
 
 Shapes (d = n_inputs, N = total_columns, k = columns_per_stage, m = d + N - k padded
 inputs per column, P = m + 2 packed parameters per gate):
@@ -119,17 +121,26 @@ class Hyper(NamedTuple):
     std_cap: float
 
 
+class LearningBlock(NamedTuple):
+    """The k columns of the learning stage, in buffers of their own (no per-step slicing)."""
+
+    weights: jax.Array  # [k, 4, P] packed parameters of the learning columns
+    input_mean: jax.Array  # [k, m] their input statistics
+    input_var: jax.Array  # [k, m]
+    trace_h: jax.Array  # [k, 4, P] dh/dtheta (RTRL)
+    trace_c: jax.Array  # [k, 4, P] dc/dtheta
+    eligibility: jax.Array  # [k, 4, P] TD(lambda) traces
+    rms: optax.ScaleByRmsState  # nu [k, 4, P]
+
+
 class State(NamedTuple):
     t: jax.Array  # [] int32, steps taken so far
-    weights: jax.Array  # [N, 4, P] packed column parameters
+    weights: jax.Array  # [N, 4, P] every column; the learning stage's rows live in `learning` (see column_weights)
+    input_mean: jax.Array  # [N, m] per-column input statistics (learning rows: see `learning`)
+    input_var: jax.Array  # [N, m]
+    learning: LearningBlock  # the learning stage
     h: jax.Array  # [N] hidden states after the last forward pass
     c: jax.Array  # [N] cell states
-    input_mean: jax.Array  # [N, m] per-column input statistics
-    input_var: jax.Array  # [N, m]
-    trace_h: jax.Array  # [k, 4, P] dh/dtheta of the learning columns (RTRL)
-    trace_c: jax.Array  # [k, 4, P] dc/dtheta
-    eligibility: jax.Array  # [k, 4, P] TD(lambda) traces of the learning columns
-    rms: optax.ScaleByRmsState  # nu [k, 4, P]
     head_w: jax.Array  # [N]
     head_b: jax.Array  # []
     feature_mean: jax.Array  # [N] head feature statistics
@@ -155,20 +166,60 @@ def stage_at(cfg: Config, t: jax.Array) -> jax.Array:
     """Stage learning at step t (0-based): it advances when t % S == S - 1, capped at the last."""
     if cfg.steps_per_stage is None or cfg.n_stages == 1:
         return jnp.zeros_like(t)
-    return jnp.minimum((t + 1) // cfg.steps_per_stage, cfg.n_stages - 1)
+    # t >= 0, so truncating division is floor division (and cheaper: no sign fix-ups that XLA
+    # would otherwise repeat inside every fused element-wise loop that depends on the stage)
+    return jnp.minimum(lax.div(t + 1, jnp.asarray(cfg.steps_per_stage, t.dtype)), cfg.n_stages - 1)
 
 
-def _learning_block(cfg: Config, array: jax.Array, start: jax.Array) -> jax.Array:
+def _rows(cfg: Config, array: jax.Array, start: jax.Array) -> jax.Array:
     """Rows [start, start + k) of an [N, ...] array."""
     if cfg.n_stages == 1:
         return array
     return lax.dynamic_slice_in_dim(array, start, cfg.columns_per_stage, axis=0)
 
 
-def _put_learning_block(cfg: Config, array: jax.Array, block: jax.Array, start: jax.Array) -> jax.Array:
+def _put_rows(cfg: Config, array: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     if cfg.n_stages == 1:
-        return block
-    return lax.dynamic_update_slice_in_dim(array, block, start, axis=0)
+        return rows
+    return lax.dynamic_update_slice_in_dim(array, rows, start, axis=0)
+
+
+def _fresh_block(cfg: Config, weights, input_mean, input_var, start) -> LearningBlock:
+    """A stage starting to learn: its columns' parameters and statistics, fresh traces (8b)."""
+    zeros = jnp.zeros((cfg.columns_per_stage, 4, cfg.packed), weights.dtype)
+    return LearningBlock(
+        weights=_rows(cfg, weights, start),
+        input_mean=_rows(cfg, input_mean, start),
+        input_var=_rows(cfg, input_var, start),
+        trace_h=zeros,
+        trace_c=zeros,
+        eligibility=zeros,
+        rms=common.rmsprop_init(zeros),
+    )
+
+
+def _begin_stage(cfg: Config, state: State, stage: jax.Array) -> State:
+    """Freeze the finished stage (write its block back) and load the next one."""
+    k, block = cfg.columns_per_stage, state.learning
+    old_start = (stage - 1) * k
+    weights = _put_rows(cfg, state.weights, block.weights, old_start)
+    input_mean = _put_rows(cfg, state.input_mean, block.input_mean, old_start)
+    input_var = _put_rows(cfg, state.input_var, block.input_var, old_start)
+    learning = _fresh_block(cfg, weights, input_mean, input_var, stage * k)
+    return state._replace(weights=weights, input_mean=input_mean, input_var=input_var, learning=learning)
+
+
+def column_weights(cfg: Config, state: State) -> jax.Array:
+    """[N, 4, P] packed parameters of every column, the learning stage's included."""
+    start = stage_at(cfg, jnp.maximum(state.t - 1, 0)) * cfg.columns_per_stage
+    return _put_rows(cfg, state.weights, state.learning.weights, start)
+
+
+def column_input_stats(cfg: Config, state: State) -> tuple[jax.Array, jax.Array]:
+    """([N, m], [N, m]) input means and variances of every column, the learning stage's included."""
+    start = stage_at(cfg, jnp.maximum(state.t - 1, 0)) * cfg.columns_per_stage
+    return (_put_rows(cfg, state.input_mean, state.learning.input_mean, start),
+            _put_rows(cfg, state.input_var, state.learning.input_var, start))
 
 
 # --------------------------------------------------------------------------- init
@@ -176,21 +227,19 @@ def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
     """Fresh learner: column parameters U(-0.01, 0.01), head 0, statistics (0, 1), traces 0."""
     del hyper  # the initial state does not depend on hyperparameters
     dtype = common.resolve_dtype(cfg.dtype)
-    n, k, m, p = cfg.total_columns, cfg.columns_per_stage, cfg.column_inputs, cfg.packed
-    zeros_block = jnp.zeros((k, 4, p), dtype)
+    n, m, p = cfg.total_columns, cfg.column_inputs, cfg.packed
     zeros_n = jnp.zeros((n,), dtype)
     zero = jnp.zeros((), dtype)
+    weights = common.uniform(key, (n, 4, p), -INIT_RANGE, INIT_RANGE, dtype)
+    input_mean, input_var = jnp.zeros((n, m), dtype), jnp.ones((n, m), dtype)
     return State(
         t=jnp.zeros((), jnp.int32),
-        weights=common.uniform(key, (n, 4, p), -INIT_RANGE, INIT_RANGE, dtype),
+        weights=weights,
+        input_mean=input_mean,
+        input_var=input_var,
+        learning=_fresh_block(cfg, weights, input_mean, input_var, 0),
         h=zeros_n,
         c=zeros_n,
-        input_mean=jnp.zeros((n, m), dtype),
-        input_var=jnp.ones((n, m), dtype),
-        trace_h=zeros_block,
-        trace_c=zeros_block,
-        eligibility=zeros_block,
-        rms=common.rmsprop_init(zeros_block),
         head_w=zeros_n,
         head_b=zero,
         feature_mean=zeros_n,
@@ -257,7 +306,7 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     grad V of the last forward pass, forward, delta, update.
     """
     dtype = state.head_b.dtype
-    n, k = cfg.total_columns, cfg.columns_per_stage
+    n, k, d = cfg.total_columns, cfg.columns_per_stage, cfg.n_inputs
     t = state.t
     stage = stage_at(cfg, t)
     start = stage * k
@@ -267,44 +316,45 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     rate = jnp.asarray(hyper.normalization_rate, dtype)
     std_cap = jnp.asarray(hyper.std_cap, dtype)
 
-    # A stage that starts now gets fresh RTRL traces, eligibility and RMSProp state (8b).
-    trace_h, trace_c, eligibility, rms = state.trace_h, state.trace_c, state.eligibility, state.rms
+    # A stage that starts now: freeze the previous one, fresh traces, eligibility and RMSProp (8b).
     if cfg.n_stages > 1 and cfg.steps_per_stage is not None:
         starts = stage != stage_at(cfg, jnp.maximum(t - 1, 0))
-        fresh = jnp.zeros_like(trace_h)
-        trace_h = jnp.where(starts, fresh, trace_h)
-        trace_c = jnp.where(starts, fresh, trace_c)
-        eligibility = jnp.where(starts, fresh, eligibility)
-        rms = optax.ScaleByRmsState(nu=jnp.where(starts, jnp.ones_like(rms.nu), rms.nu))
+        state = lax.cond(starts, lambda s: _begin_stage(cfg, s, stage), lambda s: s, state)
+    block = state.learning
 
     # 1-2. Decay the traces and add grad V(S_t) of the last forward pass. The column gradient
     # uses the current head weight and the head variance of that forward pass.
-    head_scale = _learning_block(cfg, state.head_w / jnp.sqrt(state.feature_var), start)  # [k]
-    eligibility = common.accumulate_traces(eligibility, head_scale[:, None, None] * trace_h, gamma_lambda)
+    head_scale = _rows(cfg, state.head_w / jnp.sqrt(state.feature_var), start)  # [k] dV/dh
+    eligibility = common.accumulate_traces(block.eligibility, head_scale[:, None, None] * block.trace_h, gamma_lambda)
     head_eligibility = common.accumulate_traces(
         state.head_eligibility, (state.features, jnp.ones((), dtype)), gamma_lambda
     )
 
-    # 3. Forward every column on x_{t+1} and the one-step-delayed lower hidden states.
-    mask = jnp.asarray(input_mask(cfg))
+    # 3. Forward every column on x_{t+1} and the one-step-delayed lower hidden states. The
+    # learning columns run from their own block; the other rows of the full arrays are frozen
+    # (or not yet learning), so the full forward's learning rows are replaced.
     raw_inputs = jnp.concatenate([jnp.asarray(observation, dtype), state.h[: n - k]])  # [m]
-    x = jnp.broadcast_to(raw_inputs, (n, cfg.column_inputs))
-    x_hat = jnp.where(mask, common.normalize(state.input_mean, state.input_var, x), 0.0)
-    z = jnp.concatenate([x_hat, state.h[:, None], jnp.ones((n, 1), dtype)], axis=1)  # [N, P]
-    h, c, gates = column_forward(state.weights, z, state.c)
+    real = jnp.arange(cfg.column_inputs) < d + stage * k  # [m] inputs of the learning stage
+    x_hat_l = jnp.where(real, common.normalize(block.input_mean, block.input_var, raw_inputs), 0.0)  # [k, m]
+    h_prev_l, c_prev_l = _rows(cfg, state.h, start), _rows(cfg, state.c, start)
+    z_l = jnp.concatenate([x_hat_l, h_prev_l[:, None], jnp.ones((k, 1), dtype)], axis=1)  # [k, P]
+    h_l, c_l, gates_l = column_forward(block.weights, z_l, c_prev_l)
+    if cfg.n_stages == 1:
+        h, c = h_l, c_l
+    else:
+        mask = jnp.asarray(input_mask(cfg))
+        x_hat = jnp.where(mask, common.normalize(state.input_mean, state.input_var, raw_inputs), 0.0)  # [N, m]
+        z = jnp.concatenate([x_hat, state.h[:, None], jnp.ones((n, 1), dtype)], axis=1)  # [N, P]
+        h_all, c_all, _ = column_forward(state.weights, z, state.c)
+        h, c = _put_rows(cfg, h_all, h_l, start), _put_rows(cfg, c_all, c_l, start)
 
-    # RTRL on the learning columns only, with the same z the forward pass used.
-    learning = lambda a: _learning_block(cfg, a, start)  # noqa: E731
-    w_learning = learning(state.weights)
-    trace_h, trace_c = rtrl_update(
-        w_learning, learning(z), learning(state.c), learning(c), tuple(map(learning, gates)), trace_h, trace_c
-    )
+    # RTRL on the learning columns, with the same z their forward pass used.
+    trace_h, trace_c = rtrl_update(block.weights, z_l, c_prev_l, c_l, gates_l, block.trace_h, block.trace_c)
 
     # Input statistics of the learning columns, updated after the forward pass that used them.
-    old_mean, old_var, mask_l = learning(state.input_mean), learning(state.input_var), learning(mask)
-    mean_l, var_l = common.ema_update(old_mean, old_var, learning(x), rate, std_cap)
-    input_mean = _put_learning_block(cfg, state.input_mean, jnp.where(mask_l, mean_l, old_mean), start)
-    input_var = _put_learning_block(cfg, state.input_var, jnp.where(mask_l, var_l, old_var), start)
+    mean_l, var_l = common.ema_update(block.input_mean, block.input_var, raw_inputs, rate, std_cap)
+    input_mean_l = jnp.where(real, mean_l, block.input_mean)
+    input_var_l = jnp.where(real, var_l, block.input_var)
 
     # Head feature statistics (every column, before the prediction), then V.
     feature_mean, feature_var = common.ema_update(state.feature_mean, state.feature_var, h, rate, std_cap)
@@ -313,8 +363,7 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
 
     # 4-5. TD error and the RMSProp update of the learning columns and the active head.
     delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
-    w_learning, rms = common.td_update(w_learning, rms, eligibility, delta, alpha)
-    weights = _put_learning_block(cfg, state.weights, w_learning, start)
+    weights_l, rms = common.td_update(block.weights, block.rms, eligibility, delta, alpha)
 
     n_active = (stage + 1) * k
     head_alpha = alpha / n_active.astype(dtype)
@@ -325,17 +374,11 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     head_w = jnp.where(active, head_w, state.head_w)
     head_rms = optax.ScaleByRmsState(nu=(jnp.where(active, head_rms.nu[0], state.head_rms.nu[0]), head_rms.nu[1]))
 
-    new_state = State(
+    new_state = state._replace(
         t=t + 1,
-        weights=weights,
+        learning=LearningBlock(weights_l, input_mean_l, input_var_l, trace_h, trace_c, eligibility, rms),
         h=h,
         c=c,
-        input_mean=input_mean,
-        input_var=input_var,
-        trace_h=trace_h,
-        trace_c=trace_c,
-        eligibility=eligibility,
-        rms=rms,
         head_w=head_w,
         head_b=head_b,
         feature_mean=feature_mean,
@@ -406,4 +449,5 @@ _HEAD_PER_COLUMN = 31
 _HEAD_FIXED = 20
 
 
-__all__ = ["Config", "Hyper", "State", "init", "step", "cost", "stage_at", "input_mask", "GATES"]
+__all__ = ["Config", "Hyper", "State", "LearningBlock", "init", "step", "cost", "stage_at", "input_mask",
+           "column_weights", "column_input_stats", "GATES"]

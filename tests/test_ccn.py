@@ -49,9 +49,11 @@ def run_steps(cfg, hyper, state, observations, cumulants, gammas):
 
 
 def with_large_weights(state, key, scale=1.0):
-    """Replace U(-0.01, 0.01) init by U(-scale, scale) so the dynamics are far from linear."""
+    """Replace U(-0.01, 0.01) init by U(-scale, scale) so the dynamics are far from linear
+    (in the full arrays and in the first stage's learning block, which starts as a copy)."""
     weights = jax.random.uniform(key, state.weights.shape, state.weights.dtype, -scale, scale)
-    return state._replace(weights=weights)
+    k = state.learning.weights.shape[0]
+    return state._replace(weights=weights, learning=state.learning._replace(weights=weights[:k]))
 
 
 def test_column_rtrl_traces_equal_bptt_jacobian_float64(x64):
@@ -77,9 +79,9 @@ def test_column_rtrl_traces_equal_bptt_jacobian_float64(x64):
     np.testing.assert_allclose(final.h, h_ref, rtol=1e-12, atol=1e-14)
     jac_h, jac_c = jax.jacrev(unrolled)(weights0)  # [n, n, 4, P]
     columns = np.arange(n)
-    np.testing.assert_allclose(final.trace_h, jac_h[columns, columns], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(final.trace_c, jac_c[columns, columns], rtol=1e-10, atol=1e-12)
-    assert np.abs(final.trace_h).max() > 1e-2  # the check is not vacuous
+    np.testing.assert_allclose(final.learning.trace_h, jac_h[columns, columns], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(final.learning.trace_c, jac_c[columns, columns], rtol=1e-10, atol=1e-12)
+    assert np.abs(final.learning.trace_h).max() > 1e-2  # the check is not vacuous
     off_diagonal = ~np.eye(n, dtype=bool)
     assert np.all(np.asarray(jac_h)[off_diagonal] == 0.0)
 
@@ -100,7 +102,8 @@ def test_ccn_third_stage_traces_equal_bptt_from_stage_start_float64(x64):
     before = states[stage_start - 1]  # the state when stage 2 starts learning: held constant
     final = states[-1]
     lower = np.arange(4)
-    frozen_mean, frozen_var = np.asarray(before.input_mean), np.asarray(before.input_var)
+    weights_before = np.asarray(ccn.column_weights(cfg, before))
+    frozen_mean, frozen_var = (np.asarray(a) for a in ccn.column_input_stats(cfg, before))
 
     # Independent forward of the whole network from the stage start: lower columns read the
     # raw inputs and the one-step-delayed hidden states of the columns of earlier stages,
@@ -114,7 +117,7 @@ def test_ccn_third_stage_traces_equal_bptt_from_stage_start_float64(x64):
         for col in lower:
             real = d + (col // k) * k  # stage 0 reads x only, stage 1 also columns 0, 1
             x_hat[col, :real] = (raw[:real] - frozen_mean[col, :real]) / np.sqrt(frozen_var[col, :real])
-        h, c = (np.asarray(v) for v in reference_cell(jnp.asarray(before.weights[:4]), jnp.asarray(x_hat), h, c))
+        h, c = (np.asarray(v) for v in reference_cell(jnp.asarray(weights_before[:4]), jnp.asarray(x_hat), h, c))
     stage2_xhat = ema_reference(np.stack(stage2_raw), rate, std_cap)  # [T2, d + 4]
 
     def unrolled(weights):  # weights [2, 4, P] of the learning stage
@@ -125,14 +128,14 @@ def test_ccn_third_stage_traces_equal_bptt_from_stage_start_float64(x64):
         (h2, c2), _ = jax.lax.scan(body, start, jnp.asarray(stage2_xhat))
         return h2, c2
 
-    w2 = before.weights[4:]
+    w2 = jnp.asarray(weights_before[4:])
     h2_ref, c2_ref = unrolled(w2)
     np.testing.assert_allclose(final.h[4:], h2_ref, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(final.h[:4], h, rtol=1e-12, atol=1e-14)  # lower stages, independently
     jac_h, jac_c = jax.jacrev(unrolled)(w2)  # [2, 2, 4, P]
-    np.testing.assert_allclose(final.trace_h, jac_h[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(final.trace_c, jac_c[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
-    assert np.abs(final.trace_h).max() > 1e-2
+    np.testing.assert_allclose(final.learning.trace_h, jac_h[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(final.learning.trace_c, jac_c[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
+    assert np.abs(final.learning.trace_h).max() > 1e-2
     assert np.all(np.asarray(jac_h)[[0, 1], [1, 0]] == 0.0)  # no connections within a stage
 
 
@@ -147,23 +150,27 @@ def test_stage_schedule_freezes_parameters_statistics_and_head():
     observations = (rng.random((steps, d)) < 0.5).astype(np.float32)
     cumulants = observations[:, 0]
     _, states, _ = run_steps(cfg, hyper, state, observations, cumulants, np.full(steps, 0.9, np.float32))
+    weights = [np.asarray(ccn.column_weights(cfg, s)) for s in states]
+    stats = [ccn.column_input_stats(cfg, s) for s in states]
+    means, variances = [np.asarray(m) for m, _ in stats], [np.asarray(v) for _, v in stats]
+    initial_weights = np.asarray(ccn.column_weights(cfg, initial))
 
     assert [int(ccn.stage_at(cfg, jnp.int32(t))) for t in (0, 8, 9, 18, 19, 44)] == [0, 0, 1, 1, 2, 2]
     stage_end = {0: 8, 1: 18}  # last step at which each stage learns
     for stage, last in stage_end.items():
         cols = slice(stage * k, (stage + 1) * k)
-        frozen = states[last]
-        assert not np.array_equal(frozen.weights[cols], initial.weights[cols])  # it did learn
-        for later in states[last + 1 :]:
-            assert np.array_equal(later.weights[cols], frozen.weights[cols])
-            assert np.array_equal(later.input_mean[cols], frozen.input_mean[cols])
-            assert np.array_equal(later.input_var[cols], frozen.input_var[cols])
+        assert not np.array_equal(weights[last][cols], initial_weights[cols])  # it did learn
+        assert not np.all(means[last][cols] == 0.0)
+        for later in range(last + 1, steps):
+            assert np.array_equal(weights[later][cols], weights[last][cols])
+            assert np.array_equal(means[later][cols], means[last][cols])
+            assert np.array_equal(variances[later][cols], variances[last][cols])
     for stage, first in ((1, 9), (2, 19)):
         cols = slice(stage * k, (stage + 1) * k)
-        for before in states[:first]:
-            assert np.all(before.head_w[cols] == 0.0)
-            assert np.array_equal(before.weights[cols], initial.weights[cols])  # runs forward, untouched
-            assert np.all(before.input_mean[cols] == 0.0) and np.all(before.input_var[cols] == 1.0)
+        for before in range(first):
+            assert np.all(states[before].head_w[cols] == 0.0)
+            assert np.array_equal(weights[before][cols], initial_weights[cols])  # runs forward, untouched
+            assert np.all(means[before][cols] == 0.0) and np.all(variances[before][cols] == 1.0)
         assert np.all(states[first].head_w[cols] != 0.0)
     # later-stage columns already run forward with their initial weights
     assert np.all(states[3].h[4:] != 0.0)
@@ -232,11 +239,11 @@ def test_hand_computed_td_lambda_rmsprop_three_steps_one_column(x64):
         np.asarray(state.weights[0]), observations, cumulants, gammas, 0.1, 0.8, 0.9, 0.01
     )
     np.testing.assert_allclose(predictions, expected, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(final.weights[0], theta, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ccn.column_weights(cfg, final)[0], theta, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(final.head_w[0], w, rtol=1e-12)
     np.testing.assert_allclose(final.head_b, b, rtol=1e-12)
     assert np.all(predictions[1:] != 0.0)  # learning happened, so the comparison means something
-    assert not np.allclose(theta, state.weights[0])
+    assert not np.allclose(theta, state.weights[0])  # the column itself learned
 
 
 def test_config_validation_and_shapes():
