@@ -7,6 +7,10 @@ with its own hyperparameters and key) over a shared chunk of a binary stream; th
 is timed (TD(lambda), RMSProp, normalisation included), float32, after a warm-up call that
 compiles. The baseline, measured in the same run, is the same learner run one at a time:
 batch 1 with its own jitted scan (no vmap). Printed as a Markdown table for docs/benchmarks.md.
+
+`--processes P` also measures the machine's total: P worker processes, each pinned to its own
+core with single-threaded XLA (what the orchestrator runs: one actor per CPU), each advancing
+its own batch at the same time; their rates are summed.
 """
 
 from __future__ import annotations
@@ -87,12 +91,38 @@ def bench_single(module, cfg, hyper, steps: StreamStep, repeats: int) -> float:
     return steps.cumulant.shape[0] / seconds
 
 
+def _worker(name: str, batch: int, steps: int, repeats: int, core: int, queue) -> None:
+    """One pinned process: report its batched learner-steps/s for `name` (multiprocessing target)."""
+    os.sched_setaffinity(0, {core})
+    module, cfg, hyper = SHAPES[name]
+    queue.put(bench_batched(module, cfg, hyper, batch, binary_stream(steps, cfg.n_inputs), repeats))
+
+
+def bench_processes(name: str, batch: int, steps: int, repeats: int, processes: int) -> float:
+    """Total learner-steps/s of `processes` pinned workers running at once (spawned, fresh JAX each)."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    workers = [context.Process(target=_worker, args=(name, batch, steps, repeats, core % os.cpu_count(), queue))
+               for core in range(processes)]
+    for worker in workers:
+        worker.start()
+    rates = [queue.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return float(sum(rates))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
     parser.add_argument("--steps", type=int, default=2000, help="steps per timed chunk")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="substrings of learner names to run")
+    parser.add_argument("--processes", type=int, default=0, help="also measure P pinned processes at once")
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -111,6 +141,10 @@ def main() -> None:
             ns_per_param_step = 1e9 / (rate * params)
             print(f"| {name} | {params} | {batch} | {rate:,.0f} | {ns_per_param_step:.2f} | {baseline:,.0f} | "
                   f"{rate / baseline:.1f}x |", flush=True)
+            if args.processes and batch > 1:
+                total = bench_processes(name, batch, args.steps, args.repeats, args.processes)
+                print(f"| {name}, {args.processes} processes | {params} | {args.processes} x {batch} | {total:,.0f} | "
+                      f"{1e9 / (total * params):.2f} | {baseline:,.0f} | {total / baseline:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

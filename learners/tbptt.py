@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from learners import common
 from learners.compute import Cost
@@ -45,6 +46,7 @@ class Config:
     hidden: int
     variant: str = "recompute"
     dtype: str = "float32"
+    unroll_window: bool = False  # unroll the window loops (bigger program; XLA's cost analysis counts every slot)
 
     def __post_init__(self):
         for name in ("n_inputs", "truncation", "hidden"):
@@ -170,25 +172,28 @@ def _shift_in(buffer: jax.Array, newest: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- gradients of V(S_t)
-def rerun_window(params: Params, window: RecomputeWindow, n_valid: jax.Array):
-    """Rerun the window from s_{t-k} with `params` (unrolled: k is static).
+def rerun_window(params: Params, window: RecomputeWindow, n_valid: jax.Array, unroll: bool = False):
+    """Rerun the window from s_{t-k} with `params` (a scan over the k slots).
 
     Slots before the last `n_valid` are skipped (the state passes through unchanged).
     Returns (Activations [k, ...], h_t [H], c_t [H]).
     """
     k = window.inputs.shape[0]
-    h, c = window.start_h, window.start_c
-    records = []
-    for j in range(k):
-        h_next, c_next, gates = cell(params, window.inputs[j], h, c)
-        records.append((h, c, gates, c_next))
-        valid = j >= k - n_valid
-        h, c = jnp.where(valid, h_next, h), jnp.where(valid, c_next, c)
-    h_prev, c_prev, gates, c_after = (jnp.stack(r) for r in zip(*records, strict=True))
+
+    def slot(carry, xs):
+        h, c = carry
+        x, valid = xs
+        h_next, c_next, gates = cell(params, x, h, c)
+        return (jnp.where(valid, h_next, h), jnp.where(valid, c_next, c)), (h, c, gates, c_next)
+
+    valid = jnp.arange(k) >= k - n_valid
+    (h, c), (h_prev, c_prev, gates, c_after) = lax.scan(
+        slot, (window.start_h, window.start_c), (window.inputs, valid), unroll=k if unroll else 1
+    )
     return Activations(window.inputs, h_prev, c_prev, gates, c_after), h, c
 
 
-def backward(params: Params, acts: Activations, h_t: jax.Array, n_valid: jax.Array) -> Params:
+def backward(params: Params, acts: Activations, h_t: jax.Array, n_valid: jax.Array, unroll: bool = False) -> Params:
     """grad of V(S_t) = w . h_t, backpropagated through the k recorded slots.
 
     With the current U for the backward products and the recorded activations; for each slot
@@ -196,24 +201,30 @@ def backward(params: Params, acts: Activations, h_t: jax.Array, n_valid: jax.Arr
         dc  = dh * o * (1 - tanh(c)^2) + dc_next
         da  = (dc * g * i', dc * c_prev * f', dc * i * g', dh * tanh(c) * o')      [4H]
         dW += da x_j^T,  dU += da h_prev_j^T,  db += da,  dh = U^T da,  dc_next = dc * f
+    (The sums are accumulated slot by slot, newest first, in that fixed order: a vmapped batch
+    then rounds exactly like separate runs, which a matmul over the slots would not.)
     """
     k = acts.inputs.shape[0]
-    grad_h, grad_c = params.w, jnp.zeros_like(h_t)
-    grad_W, grad_U, grad_b = jnp.zeros_like(params.W), jnp.zeros_like(params.U), jnp.zeros_like(params.b)
-    for j in reversed(range(k)):
-        i, f, g, o = acts.gates[j]
-        tanh_c = jnp.tanh(acts.c[j])
+
+    def slot(carry, xs):
+        grad_h, grad_c, grad_W, grad_U, grad_b = carry
+        (i, f, g, o), c, c_prev, h_prev, x, valid = xs
+        tanh_c = jnp.tanh(c)
         dc = grad_h * o * (1 - tanh_c * tanh_c) + grad_c
-        da_i, da_f = dc * g * i * (1 - i), dc * acts.c_prev[j] * f * (1 - f)
+        da_i, da_f = dc * g * i * (1 - i), dc * c_prev * f * (1 - f)
         da_g, da_o = dc * i * (1 - g * g), grad_h * tanh_c * o * (1 - o)
-        da = jnp.concatenate([da_i, da_f, da_g, da_o])
-        valid = j >= k - n_valid
-        da = jnp.where(valid, da, 0.0)
-        grad_W = grad_W + da[:, None] * acts.inputs[j][None, :]
-        grad_U = grad_U + da[:, None] * acts.h_prev[j][None, :]
-        grad_b = grad_b + da
-        grad_h = params.U.T @ da
-        grad_c = jnp.where(valid, dc * f, 0.0)
+        da = jnp.where(valid, jnp.concatenate([da_i, da_f, da_g, da_o]), 0.0)
+        grad_W = grad_W + da[:, None] * x[None, :]
+        grad_U = grad_U + da[:, None] * h_prev[None, :]
+        return (params.U.T @ da, jnp.where(valid, dc * f, 0.0), grad_W, grad_U, grad_b + da), None
+
+    valid = jnp.arange(k) >= k - n_valid
+    zeros = (jnp.zeros_like(params.W), jnp.zeros_like(params.U), jnp.zeros_like(params.b))
+    (_, _, grad_W, grad_U, grad_b), _ = lax.scan(
+        slot, (params.w, jnp.zeros_like(h_t), *zeros),
+        (acts.gates, acts.c, acts.c_prev, acts.h_prev, acts.inputs, valid),
+        reverse=True, unroll=k if unroll else 1,
+    )
     return Params(W=grad_W, U=grad_U, b=grad_b, w=h_t)
 
 
@@ -233,10 +244,10 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     params, window = state.params, state.window
 
     if cfg.variant == "recompute":
-        acts, h_t, c_t = rerun_window(params, window, n_valid)
+        acts, h_t, c_t = rerun_window(params, window, n_valid, cfg.unroll_window)
     else:
         acts, h_t, c_t = window, state.h, state.c
-    gradient = backward(params, acts, h_t, n_valid)
+    gradient = backward(params, acts, h_t, n_valid, cfg.unroll_window)
     eligibility = common.accumulate_traces(state.eligibility, gradient, gamma_lambda)
 
     h, c, gates = cell(params, x, h_t, c_t)
