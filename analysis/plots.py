@@ -1,0 +1,96 @@
+"""Figures of a report (matplotlib, Agg backend): each saved as PNG and SVG; returns the PNG paths."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ERROR_LABEL = "final msre_window (mean squared return error, lower is better)"
+
+
+def _save(figure, out: Path, name: str) -> Path:
+    figure.tight_layout()
+    for suffix in ("png", "svg"):
+        figure.savefig(out / f"{name}.{suffix}", dpi=120)
+    plt.close(figure)
+    return out / f"{name}.png"
+
+
+def _log_if_wide(axis, values, which: str) -> None:
+    positive = [v for v in values if v and v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        getattr(axis, f"set_{which}scale")("log")
+
+
+def learning_curves(curves: list[dict], out: Path, task: str, against: str = "steps") -> Path:
+    """msre_window with its bootstrap band against steps or cumulative FLOPs, one line per learner."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    values = []
+    for curve in curves:
+        x = curve["steps"] if against == "steps" else curve["cumulative_flops"]
+        biased = ", biased" if curve["stage"] == "selection" else ""
+        label = f"{curve['learner_name']} {curve['shape']} (n={curve['seeds']}{biased})"
+        (line,) = axis.plot(x, curve["mean"], label=label)
+        axis.fill_between(x, curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
+        values += list(curve["mean"])
+    axis.set_xlabel("steps" if against == "steps" else "cumulative compute (FLOPs)")
+    if against != "steps":
+        axis.set_xscale("log")
+    _log_if_wide(axis, values, "y")
+    axis.set_ylabel("msre_window (mean squared return error)")
+    axis.set_title(f"{task}: learning curves, mean and 95% bootstrap band over seeds")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    return _save(figure, out, f"curves_{against}_{task}")
+
+
+def sensitivity(rows: list[dict], out: Path, task: str) -> Path:
+    """Mean selection error against step size per learner (best over the other hyperparameters)."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    lines = defaultdict(list)
+    for row in rows:
+        lines[(row["learner_name"], row["shape"])].append((row["step_size"], row["mean"]))
+    values = []
+    for (name, shape), points in sorted(lines.items()):
+        finite = [(x, y) for x, y in sorted(points) if y != float("inf")]
+        axis.plot([x for x, _ in finite], [y for _, y in finite], marker="o", label=f"{name} {shape}")
+        values += [y for _, y in finite]
+    axis.set_xscale("log")
+    _log_if_wide(axis, values, "y")
+    axis.set_xlabel("step size alpha (log scale)")
+    axis.set_ylabel(ERROR_LABEL)
+    axis.set_title(f"{task}: step-size sensitivity (selection seeds; diverged settings omitted)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    return _save(figure, out, f"sensitivity_{task}")
+
+
+def frontier(points: list[dict], out: Path, task: str) -> Path:
+    """Best error against FLOPs per step, one line per learner family, with CI error bars."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    families = defaultdict(list)
+    for point in points:
+        families[point["learner_name"]].append(point)
+    values = []
+    for name, members in sorted(families.items()):
+        x = [p["flops_per_step"] for p in members]
+        y = [p["error"].mean for p in members]
+        errors = [
+            [p["error"].mean - p["error"].low for p in members],
+            [p["error"].high - p["error"].mean for p in members],
+        ]
+        axis.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name)
+        values += y
+    axis.set_xscale("log")
+    _log_if_wide(axis, values, "y")
+    axis.set_xlabel("compute per step (FLOPs, log scale)")
+    axis.set_ylabel(ERROR_LABEL)
+    axis.set_title(f"{task}: compute frontier (95% CI over seeds)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    return _save(figure, out, f"frontier_{task}")
