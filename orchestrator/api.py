@@ -24,6 +24,7 @@ from orchestrator.spec import Sweep, load_spec
 
 DEFAULT_RESULTS = "results"
 WANDB_MODES = ("disabled", "offline", "online")
+STAGES = ("select", "evaluate")
 
 
 def _sweep(spec: str | Path | Sweep) -> Sweep:
@@ -106,8 +107,12 @@ def run_sweep(
     wandb: str = "disabled",
     compilation_cache_dir: str | None = None,
     progress: bool | TextIO = True,
+    stage: str = "select",
 ) -> SweepReport:
     """Run every run of the spec that the results do not hold yet, on Ray.
+
+    stage: "select" runs the spec's grid; "evaluate" runs each learner's winner on fresh seeds
+    (`evaluation_sweep`), into the results folder `<name>.evaluation`.
 
     address: a Ray cluster (HOST:PORT, ray://HOST:PORT or "auto"); None starts an embedded local
     Ray with `workers` CPUs (default: all cores) and stops it at the end. batch_size overrides the
@@ -122,7 +127,11 @@ def run_sweep(
 
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     sweep = _sweep(spec)
+    if stage == "evaluate":
+        sweep = evaluation_sweep(sweep, results)
     if address:
         schedule.check_address(address)
     started = time.perf_counter()
@@ -172,6 +181,41 @@ def run_sweep(
         actors_used=len(outcome.actor_compute_seconds),
         failures=outcome.failed_batches,
         busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
+    )
+
+
+# -- the evaluation stage -------------------------------------------------------------------
+
+
+def evaluation_sweep(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS, criterion: str = "final_error") -> Sweep:
+    """The evaluation stage of a finished selection sweep: each learner's winner on fresh seeds.
+
+    Winners are chosen by analysis.select (docs/analysis.md) from the selection results alone; the
+    seeds are `sweep.evaluation_seed_list` (after the largest selection seed, so disjoint from them).
+    The returned Sweep is named `<name>.evaluation`: its results live beside the selection's.
+    Raises ValueError when the selection stage is not finished or has no eligible winner.
+    """
+    import analysis
+
+    sweep = _sweep(spec)
+    missing = plan_sweep(sweep, results).todo
+    if missing:
+        raise ValueError(
+            f"sweep {sweep.name!r}: {len(missing)} selection runs are not done yet; "
+            f"finish them first (ccn run {sweep.path}) so the winners are chosen on every seed"
+        )
+    by_key = {run.run_key: run for run in sweep.runs}
+    runs = []
+    for winner in analysis.select(analysis.load(results, sweep.name), criterion):
+        chosen = next((by_key[key] for key in winner["run_keys"] if key in by_key), None)
+        if chosen is not None:
+            runs += [dataclasses.replace(chosen, seed=seed) for seed in sweep.evaluation_seed_list]
+    if not runs:
+        raise ValueError(
+            f"sweep {sweep.name!r}: no learner has a setting that finished every seed; nothing to evaluate"
+        )
+    return dataclasses.replace(
+        sweep, name=sweep.name + analysis.EVALUATION_SUFFIX, seeds=sweep.evaluation_seed_list, runs=tuple(runs)
     )
 
 

@@ -4,6 +4,8 @@
     ccn status SPEC [--results DIR_OR_URI]
     ccn compare SPEC [--results DIR_OR_URI] [--metric msre_window]
     ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
+    ccn run SPEC --stage evaluate            # each learner's winner on fresh seeds (docs/analysis.md)
+    ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc]
 
 Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster is unreachable;
 2 the spec (or a command-line value) is invalid, before any compute.
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
     run.add_argument("--wandb", choices=api.WANDB_MODES, default="disabled", help="W&B tracking mode")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument(
+        "--stage",
+        choices=api.STAGES,
+        default="select",
+        help="select: the spec's grid (default); evaluate: each learner's winner on fresh seeds",
+    )
 
     command("status", "report done / missing / diverged / failed runs of SPEC from the results")
 
@@ -61,7 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", "validate SPEC and show what `ccn run` would do, without running anything")
     plan.add_argument("--batch-size", type=_positive_int, metavar="B")
     plan.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    _add_report(commands)
     return parser
+
+
+def _add_report(commands) -> None:
+    """`ccn report`: a thin layer over analysis.write_report."""
+    report = commands.add_parser("report", help="write report.md and figures from a sweep's results")
+    report.add_argument("results", metavar="RESULTS", help="results root: a folder or a pyarrow filesystem URI")
+    report.add_argument("--sweep", metavar="NAME", help="the sweep to report (default: the only one in RESULTS)")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its figures")
+    report.add_argument("--criterion", choices=("final_error", "auc"), default="final_error", help="selection rule")
+
+
+def _report(arguments) -> int:
+    import analysis
+
+    try:
+        report = analysis.write_report(arguments.results, arguments.out, arguments.sweep, criterion=arguments.criterion)
+    except ValueError as error:
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.text_table)
+    if report.biased:
+        print("note: rows marked 'selection (biased)' have no evaluation runs (ccn run SPEC --stage evaluate)")
+    print(f"report: {report.path}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +127,16 @@ def _run(arguments) -> int:
             max_attempts=arguments.max_attempts,
             wandb=arguments.wandb,
             progress=not arguments.quiet,
+            stage=arguments.stage,
         )
     except ClusterError as error:
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except ValueError as error:  # the evaluation stage cannot start (selection unfinished)
+        if isinstance(error, SpecError):
+            raise
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"sweep {report.sweep!r}: {report.total} runs; {report.already_done} were already done, {report.ran} ran now "
         f"({report.diverged} diverged in all), {report.failed} failed; {report.seconds:.1f}s; "
@@ -134,7 +173,7 @@ def _plan(arguments) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "status": _status, "compare": _compare, "plan": _plan}
+COMMANDS = {"run": _run, "status": _status, "compare": _compare, "plan": _plan, "report": _report}
 
 if __name__ == "__main__":
     sys.exit(main())

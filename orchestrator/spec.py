@@ -32,6 +32,7 @@ TOP_LEVEL_KEYS = (
     "log_every",
     "batch_size",
     "max_attempts",
+    "evaluation_seeds",
     "tasks",
     "learners",
 )
@@ -39,6 +40,7 @@ LEARNER_KEYS = ("kind", "name", "shape", "match_flops")
 MATCH_FLOPS_KEYS = ("of", "tolerance", "measure", "truncations")
 TASK_KEYS = ("kind", "name")
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_EVALUATION_SEEDS = 5  # fresh seeds per winner in `ccn run SPEC --stage evaluate`
 
 
 class SpecError(ValueError):
@@ -64,6 +66,13 @@ class Sweep:
     tasks: tuple[TaskSpec, ...]
     runs: tuple[Run, ...]
     description: str = ""
+    evaluation_seeds: int = DEFAULT_EVALUATION_SEEDS
+
+    @property
+    def evaluation_seed_list(self) -> tuple[int, ...]:
+        """The evaluation stage's seeds: `evaluation_seeds` fresh ones after the largest selection seed."""
+        first = max(self.seeds) + 1
+        return tuple(range(first, first + self.evaluation_seeds))
 
 
 def is_safe_path_component(text: Any) -> bool:
@@ -209,6 +218,9 @@ class _Parser:
             if batch_size is None and "batch_size" in doc:
                 self.problems[-1] += ' (or "auto")'
         max_attempts = self.positive_int(doc, "max_attempts", "max_attempts", default=DEFAULT_MAX_ATTEMPTS)
+        evaluation_seeds = self.positive_int(
+            doc, "evaluation_seeds", "evaluation_seeds", default=DEFAULT_EVALUATION_SEEDS
+        )
 
         tasks = self.parse_tasks(doc.get("tasks", MISSING))
         entries = self.parse_learners(doc.get("learners", MISSING))
@@ -230,6 +242,7 @@ class _Parser:
             tasks=tuple(tasks),
             runs=tuple(runs),
             description=description,
+            evaluation_seeds=evaluation_seeds or DEFAULT_EVALUATION_SEEDS,
         )
 
     def parse_seeds(self, seeds: Any) -> list[int]:
