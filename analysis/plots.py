@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ERROR_LABEL = "final msre_window (mean squared return error, lower is better)"
+ERROR_LABEL = "final msre_window (squared return error)"
 
 
 def _save(figure, out: Path, name: str) -> Path:
@@ -42,8 +42,8 @@ def learning_curves(curves: list[dict], out: Path, task: str, against: str = "st
     if against != "steps":
         axis.set_xscale("log")
     _log_if_wide(axis, values, "y")
-    axis.set_ylabel("msre_window (mean squared return error)")
-    axis.set_title(f"{task}: learning curves, mean and 95% bootstrap band over seeds")
+    axis.set_ylabel("msre_window (squared return error)")
+    axis.set_title(f"{task}: learning curves\n(mean over seeds, 95% bootstrap band)", fontsize=10)
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     return _save(figure, out, f"curves_{against}_{task}")
@@ -64,7 +64,9 @@ def sensitivity(rows: list[dict], out: Path, task: str) -> Path:
     _log_if_wide(axis, values, "y")
     axis.set_xlabel("step size alpha (log scale)")
     axis.set_ylabel(ERROR_LABEL)
-    axis.set_title(f"{task}: step-size sensitivity (selection seeds; diverged settings omitted)")
+    axis.set_title(
+        f"{task}: step-size sensitivity\n(selection seeds; settings with a diverged seed omitted)", fontsize=10
+    )
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     return _save(figure, out, f"sensitivity_{task}")
@@ -90,7 +92,7 @@ def frontier(points: list[dict], out: Path, task: str) -> Path:
     _log_if_wide(axis, values, "y")
     axis.set_xlabel("compute per step (FLOPs, log scale)")
     axis.set_ylabel(ERROR_LABEL)
-    axis.set_title(f"{task}: compute frontier (95% CI over seeds)")
+    axis.set_title(f"{task}: compute frontier\n(best error per FLOPs per step, 95% CI over seeds)", fontsize=10)
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     return _save(figure, out, f"frontier_{task}")

@@ -22,7 +22,7 @@ class Report:
 
 
 def _markdown_table(table: list[dict]) -> str:
-    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "config", "stage", "seeds",
+    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "setting", "stage", "seeds",
               "final error [95% CI]", "vs group best", "at equal total FLOPs"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(tables._cells(row)) + " |" for row in table]
@@ -105,6 +105,8 @@ def write_report(
     ]
     lines += [f"- {stage}: {n} runs ({d} diverged)" for stage, n, d in counts]
     lines += [f"- {stage} seeds: {', '.join(map(str, s))}" for stage, s in seeds]
+    lines += ["", "Winning settings (full hyperparameters):", ""]
+    lines += [f"- {r['task']} / {r['learner_name']} {r['shape']}: `{r['config']}`" for r in table if r["config"]]
     lines += ["", "## Selection rule", "", _selection_rule(criterion), ""]
     if not results.has_evaluation:
         lines += [

@@ -59,11 +59,16 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
     for key, rows in by_learner.items():
         eligible = [r for r in rows if r["seeds"] == r["runs"] and r["seeds"] > 0]
         best = min(eligible, key=lambda r: (r["mean"], r["config"]), default=None)
+        pairs = [_pairs(r["config"]) for r in rows]
+        varying = [k for k in pairs[0] if len({p.get(k) for p in pairs}) > 1] or ["step_size"]
         winners.append(
             {
                 **dict(zip(LEARNER, key, strict=True)),
                 "flops_per_step": rows[0]["flops_per_step"],
                 "config": best["config"] if best else None,
+                "setting": ", ".join(f"{k}={v}" for k, v in _pairs(best["config"]).items() if k in varying)
+                if best
+                else None,  # the config's hyperparameters that vary among this learner's settings
                 "mean": best["mean"] if best else None,
                 "seeds": best["seeds"] if best else 0,
                 "seed_list": list(best["seed_list"]) if best else [],
@@ -73,6 +78,10 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
             }
         )
     return winners
+
+
+def _pairs(config: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in config.split(", ") if part)
 
 
 def _per_seed(results: Results, stage: str, winner: dict) -> dict[str, object]:
@@ -264,7 +273,7 @@ def curves(results: Results, table: list[dict], resamples: int = RESAMPLES, seed
 
 def format_table(table: list[dict]) -> str:
     """The compute-matched table as plain text (the terminal's main table)."""
-    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "config", "stage", "seeds",
+    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "setting", "stage", "seeds",
               "final error [95% CI]", "vs group best", "at equal total FLOPs"]  # fmt: skip
     body = [_cells(row) for row in table]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -283,7 +292,7 @@ def _cells(row: dict) -> list[str]:
         row["shape"],
         f"{row['flops_per_step']:,}" if row["flops_per_step"] is not None else "-",
         f"{row['paper_ops_per_step']:,}" if row.get("paper_ops_per_step") is not None else "-",
-        row["config"] or "no eligible setting",
+        row.get("setting") or row["config"] or "no eligible setting",
         stage,
         str(row["error"].n) + (f" (+{row['diverged']} diverged)" if row.get("diverged") else ""),
         row["error"].format(),

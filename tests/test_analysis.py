@@ -163,3 +163,10 @@ def test_load_names_the_sweeps_when_it_cannot_choose(tmp_path):
         load(str(tmp_path))
     assert load(str(tmp_path), "a").sweep == "a"
     assert load(f"file://{tmp_path}", "b").sql("SELECT count(*) FROM runs").fetchall()[0][0] == 9
+
+
+def test_cli_report_without_results_is_one_clear_error(tmp_path, capsys):
+    from orchestrator import cli
+
+    assert cli.main(["report", str(tmp_path), "--sweep", "nothing", "--out", str(tmp_path / "out")]) == 2
+    assert "nothing: no runs yet" in capsys.readouterr().err
