@@ -170,3 +170,18 @@ def test_cli_report_without_results_is_one_clear_error(tmp_path, capsys):
 
     assert cli.main(["report", str(tmp_path), "--sweep", "nothing", "--out", str(tmp_path / "out")]) == 2
     assert "nothing: no runs yet" in capsys.readouterr().err
+
+
+def test_evaluation_seeds_follow_the_largest_selection_seed_and_must_be_positive(tmp_path):
+    from orchestrator.spec import SpecError, load_spec
+
+    base = 'name = "s"\nsteps = 100\nseeds = [4, 0, 9]\n{extra}\n[[tasks]]\nkind = "trace_patterning"\n' \
+        '[[learners]]\nkind = "ccn"\nshape = "3:3:inf"\nstep_size = 0.01\n'  # fmt: skip
+    spec = tmp_path / "s.toml"
+    spec.write_text(base.format(extra="evaluation_seeds = 3"))
+    assert load_spec(spec).evaluation_seed_list == (10, 11, 12)
+    spec.write_text(base.format(extra=""))
+    assert len(load_spec(spec).evaluation_seed_list) == 5
+    spec.write_text(base.format(extra="evaluation_seeds = 0"))
+    with pytest.raises(SpecError, match="evaluation_seeds"):
+        load_spec(spec)
