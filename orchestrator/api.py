@@ -104,7 +104,7 @@ def run_sweep(
     batch_size: int | None = None,
     workers: int | None = None,
     max_attempts: int | None = None,
-    wandb: str = "disabled",
+    wandb: str | None = "disabled",
     compilation_cache_dir: str | None = None,
     progress: bool | TextIO = True,
     stage: str = "select",
@@ -116,15 +116,18 @@ def run_sweep(
 
     address: a Ray cluster (HOST:PORT, ray://HOST:PORT or "auto"); None starts an embedded local
     Ray with `workers` CPUs (default: all cores) and stops it at the end. batch_size overrides the
-    automatic batch size (and the spec's). progress: True (stderr), False, or a text stream.
+    automatic batch size (and the spec's). wandb: disabled | offline | online, or None for
+    tracking.default_mode() (orchestrator.tracking; W&B errors are warnings). progress: True
+    (stderr), False, or a text stream.
     Raises SpecError (bad spec) or schedule.ClusterError (unreachable cluster) before any compute.
     """
     import time
 
-    from orchestrator import schedule
+    from orchestrator import schedule, tracking
     from orchestrator.execute import default_compilation_cache_dir
     from orchestrator.progress import Progress
 
+    wandb = wandb or tracking.default_mode()
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb!r}")
     if stage not in STAGES:
@@ -152,6 +155,9 @@ def run_sweep(
             display = Progress(len(plan.todo), sum(b.learner_steps for b in plan.batches), stream) if progress else None
             if display:
                 display.message(plan.describe())
+            tracker = tracking.Tracker.start(wandb, results, sweep.name)
+            if tracker and display:
+                display.message(f"W&B: {wandb}, runs in {tracker.dir}")
             outcome = schedule.run_batches(
                 plan.batches,
                 results,
@@ -161,7 +167,10 @@ def run_sweep(
                 max_attempts=max_attempts or sweep.max_attempts,
                 compilation_cache_dir=compilation_cache_dir or default_compilation_cache_dir(),
                 progress=display,
+                on_batch_done=tracker.batch_done if tracker else None,
             )
+            if tracker:
+                tracker.close()
             if display:
                 display.close()
         finally:

@@ -138,8 +138,13 @@ def run_batches(
     max_attempts: int,
     compilation_cache_dir: str | None,
     progress: Progress | None = None,
+    on_batch_done=None,
 ) -> SweepOutcome:
-    """Run `batches` on `workers` actors of the connected Ray cluster (ray.init done)."""
+    """Run `batches` on `workers` actors of the connected Ray cluster (ray.init done).
+
+    on_batch_done(batch): called in the driver after a batch's results are written (must return
+    at once, e.g. orchestrator.tracking.Tracker.batch_done).
+    """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -215,6 +220,8 @@ def run_batches(
                 )
                 if progress:
                     progress.finished(batch, summary)
+                if on_batch_done:
+                    on_batch_done(batch)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
