@@ -6,6 +6,8 @@
     ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
     ccn run SPEC --stage evaluate            # each learner's winner on fresh seeds (docs/analysis.md)
     ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc]
+    ccn cluster up --workers N [--cpus-per-node C]   # a local multi-node Ray (docs/cluster.md)
+    ccn cluster down
 
 Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster is unreachable;
 2 the spec (or a command-line value) is invalid, before any compute.
@@ -52,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
     run.add_argument("--workers", type=_positive_int, metavar="N", help="local CPU workers (default: all cores)")
     run.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
-    run.add_argument("--wandb", choices=api.WANDB_MODES, default="disabled", help="W&B tracking mode")
+    run.add_argument(
+        "--wandb",
+        choices=api.WANDB_MODES,
+        default=None,
+        help="W&B tracking (default: $WANDB_MODE if set, else online with $WANDB_API_KEY, else offline)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument(
         "--stage",
@@ -70,7 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=_positive_int, metavar="B")
     plan.add_argument("--workers", type=_positive_int, default=1, metavar="N")
     _add_report(commands)
+    _add_cluster(commands)
     return parser
+
+
+def _add_cluster(commands) -> None:
+    """`ccn cluster up|down|status`: a thin layer over cluster.local (docs/cluster.md)."""
+    cluster = commands.add_parser("cluster", help="start or stop a local multi-node Ray cluster (127.0.0.1)")
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = actions.add_parser("up", help="start a head and N worker nodes; prints the address")
+    up.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="worker nodes (default: 2)")
+    up.add_argument("--cpus-per-node", type=_positive_int, default=1, metavar="C", help="CPUs per worker (default 1)")
+    for action in (
+        up,
+        actions.add_parser("down", help="stop exactly what `up` started"),
+        actions.add_parser("status", help="print the recorded cluster"),
+    ):
+        action.add_argument(
+            "--state", metavar="FILE", help="state file (default: $CCN_CLUSTER_STATE or .ccn/cluster.json)"
+        )
+
+
+def _cluster(arguments) -> int:
+    from cluster import local
+
+    try:
+        if arguments.action == "up":
+            started = local.up(arguments.workers, arguments.cpus_per_node, state=arguments.state)
+            print(f"local Ray cluster up: 1 head + {started.workers} workers x {started.cpus_per_node} CPUs")
+            print(f"address: {started.address}")
+            print(f"run a sweep on it:  ccn run SPEC --address {started.address}")
+            print(f"stop it:            ccn cluster down   (state: {local.state_path(arguments.state)})")
+        elif arguments.action == "down":
+            stopped = local.down(arguments.state)
+            print(f"local Ray cluster at {stopped.address} stopped ({len(stopped.nodes)} nodes)")
+        else:
+            recorded = local.status(arguments.state)
+            print(f"address: {recorded.address}" if recorded else "no local cluster is recorded")
+    except (local.ClusterStateError, RuntimeError) as error:
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _add_report(commands) -> None:
@@ -112,11 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(arguments) -> int:
     from orchestrator.schedule import ClusterError
 
-    if arguments.wandb != "disabled":
-        print(
-            f"ccn: --wandb {arguments.wandb}: W&B tracking arrives in a later release; running without it",
-            file=sys.stderr,
-        )
     try:
         report = api.run_sweep(
             arguments.spec,
@@ -173,7 +215,14 @@ def _plan(arguments) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "status": _status, "compare": _compare, "plan": _plan, "report": _report}
+COMMANDS = {
+    "run": _run,
+    "status": _status,
+    "compare": _compare,
+    "plan": _plan,
+    "report": _report,
+    "cluster": _cluster,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

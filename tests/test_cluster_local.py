@@ -1,0 +1,88 @@
+"""`ccn cluster up --workers 2`, a sweep with `--address`, `ccn cluster down`: the sweep's batches
+run on the worker nodes and no process of that cluster is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cluster import local
+
+SPEC = """
+name = "cluster-test"
+steps = 2000
+seeds = [0, 1]
+log_every = 1000
+batch_size = 1
+
+[[tasks]]
+kind = "trace_patterning"
+
+[[learners]]
+kind = "ccn"
+shape = "4:2:500"
+step_size = [0.01]
+"""
+
+
+def ccn(*arguments: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *arguments], capture_output=True, text=True, env=env, timeout=180
+    )
+
+
+def test_cluster_up_run_down_leaves_no_process_behind(tmp_path):
+    state = tmp_path / "cluster.json"
+    env = {
+        **os.environ,
+        "CCN_CLUSTER_STATE": str(state),
+        "CCN_JAX_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "WANDB_MODE": "disabled",
+    }
+    up = ccn("cluster", "up", "--workers", "2", "--cpus-per-node", "1", env=env)
+    assert up.returncode == 0, up.stderr
+    cluster = local.LocalCluster.load(state)
+    try:
+        assert f"address: {cluster.address}" in up.stdout
+        assert [node.role for node in cluster.nodes] == ["head", "worker", "worker"]
+        assert all(local._alive(pid, started) for pid, started in cluster.recorded_processes())
+        again = ccn("cluster", "up", "--workers", "1", env=env)  # one cluster per state file
+        assert again.returncode == 1 and "already recorded" in again.stderr
+
+        spec = tmp_path / "sweep.toml"
+        spec.write_text(textwrap.dedent(SPEC))
+        results = tmp_path / "results"
+        run = ccn("run", str(spec), "--results", str(results), "--address", cluster.address, "--quiet", env=env)
+        assert run.returncode == 0, run.stderr
+        assert "2 ran now" in run.stdout
+        files = list((results / "cluster-test" / "runs").rglob("*.parquet"))
+        assert len(files) == 2
+
+        # the processes alive now, Ray workers started by the sweep included
+        tree = [process for node in cluster.nodes for process in local._tree(node.pid)]
+        assert len(tree) > 3
+    except BaseException:
+        local.down(state)
+        raise
+
+    down = ccn("cluster", "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not state.exists()
+    left = [pid for pid, started in tree if local._alive(pid, started)]
+    assert not left, f"processes of the cluster still running: {left}"
+    again = ccn("cluster", "down", env=env)
+    assert again.returncode == 1 and "no local cluster" in again.stderr
+
+
+def test_state_round_trips(tmp_path):
+    cluster = local.LocalCluster("127.0.0.1:1", 1, 1, str(tmp_path), [local.Node("head", 1, "log", [(1, 2.0)])])
+    cluster.save(tmp_path / "state.json")
+    assert local.LocalCluster.load(tmp_path / "state.json") == cluster
+    assert json.loads((tmp_path / "state.json").read_text())["address"] == "127.0.0.1:1"
+    with pytest.raises(local.ClusterStateError):
+        local.down(tmp_path / "nothing.json")
