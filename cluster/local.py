@@ -177,7 +177,12 @@ def _wait_for_nodes(address: str, count: int, nodes: list[tuple[subprocess.Popen
             if process.poll() is not None:
                 raise RuntimeError(f"a Ray node exited with code {process.returncode}; see {log}")
         result = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout, check=False
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
         )
         lines = result.stdout.strip().splitlines()
         if result.returncode == 0 and lines and lines[-1].isdigit() and int(lines[-1]) >= count:
@@ -207,6 +212,7 @@ def up(
     session = tempfile.mkdtemp(prefix="ccn-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # loopback only, for laptops and tests: no token authentication, so any local `ccn run --address` attaches
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)  # Ray lets $RAY_ADDRESS override an explicit address
     common = ["--node-ip-address", HOST, "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"]
     started: list[tuple[str, subprocess.Popen, Path]] = []
     try:

@@ -170,7 +170,7 @@ def run_sweep(
                 on_batch_done=tracker.batch_done if tracker else None,
             )
             if tracker:
-                tracker.close()
+                tracker.close(timeout=5.0 if outcome.interrupted else 60.0)
             if display:
                 display.close()
         finally:

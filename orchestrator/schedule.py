@@ -100,6 +100,8 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         return False
     if address:
         check_address(address)
+        if address != "auto":  # Ray lets a (possibly stale) $RAY_ADDRESS override an explicit address
+            os.environ.pop("RAY_ADDRESS", None)
         try:
             ray.init(address=address, log_to_driver=False)
         except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for people

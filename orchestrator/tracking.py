@@ -115,11 +115,12 @@ class Tracker:
             batch = self._queue.get()
             if batch is None:
                 return
+            key = str(getattr(batch, "batch_key", "?"))
             try:
                 self._log(batch)
-                self.logged.append(batch.batch_key)
+                self.logged.append(key)
             except Exception as error:  # noqa: BLE001 - W&B must never stop the sweep
-                self._warn(f"batch {batch.batch_key[:12]} not logged: {type(error).__name__}: {error}")
+                self._warn(f"batch {key[:12]} not logged: {type(error).__name__}: {error}")
 
     def _read(self, batch):
         from orchestrator.results import ResultsStore

@@ -39,7 +39,8 @@ def ccn(*arguments: str, env: dict) -> subprocess.CompletedProcess:
 def test_cluster_up_run_down_leaves_no_process_behind(tmp_path):
     state = tmp_path / "cluster.json"
     env = {
-        **os.environ,
+        # an earlier in-process ray.init leaves RAY_AUTH_MODE=token (and RAY_ADDRESS) in os.environ
+        **{key: value for key, value in os.environ.items() if not key.startswith("RAY_")},
         "CCN_CLUSTER_STATE": str(state),
         "CCN_JAX_CACHE_DIR": str(tmp_path / "jax_cache"),
         "WANDB_MODE": "disabled",
@@ -58,7 +59,7 @@ def test_cluster_up_run_down_leaves_no_process_behind(tmp_path):
         spec.write_text(textwrap.dedent(SPEC))
         results = tmp_path / "results"
         run = ccn("run", str(spec), "--results", str(results), "--address", cluster.address, "--quiet", env=env)
-        assert run.returncode == 0, run.stderr
+        assert run.returncode == 0, run.stdout + run.stderr
         assert "2 ran now" in run.stdout
         files = list((results / "cluster-test" / "runs").rglob("*.parquet"))
         assert len(files) == 2

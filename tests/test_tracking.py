@@ -136,3 +136,22 @@ def test_wandb_errors_are_warnings_not_failures(tmp_path, mode):
     with pytest.warns(RuntimeWarning):
         warnings = tracker.close(timeout=10)
     assert warnings and "not logged" in warnings[0]
+
+
+def test_a_hanging_wandb_never_holds_the_sweep(tmp_path, monkeypatch):
+    import threading
+    import time
+    import types
+
+    release = threading.Event()
+    monkeypatch.setattr(tracking.Tracker, "_log", lambda self, batch: release.wait(30))
+    tracker = tracking.Tracker("offline", str(tmp_path), "slow")
+    started = time.perf_counter()
+    for _ in range(3):
+        tracker.batch_done(types.SimpleNamespace(batch_key="f" * 64))  # returns at once though logging hangs
+    assert time.perf_counter() - started < 0.5
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        tracker.close(timeout=1.0)
+    assert time.perf_counter() - started < 5
+    release.set()
+    tracker._thread.join(10)  # before monkeypatch restores the real _log
