@@ -97,6 +97,8 @@ class BatchExecutor:
     def __init__(self, compilation_cache_dir: str | None = None):
         import jax
 
+        import learners  # noqa: F401  (adds its XLA flags before the backend starts in device_description)
+
         if compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
