@@ -133,22 +133,17 @@ def test_a_batch_that_keeps_raising_is_retried_then_reported_failed(ray_cluster,
     assert "multiple of columns_per_stage" in failure["error"]
 
 
+def run_command(spec, results, address) -> list[str]:
+    """`ccn run SPEC --results RESULTS --address ADDRESS --quiet` as a subprocess argv."""
+    return [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", str(results),
+            "--address", address, "--quiet"]
+
+
 def test_driver_killed_mid_sweep_then_rerun_completes_only_the_missing_runs(ray_cluster, tmp_path):
     spec = write_spec(tmp_path, LONGER)
     total = len(load_spec(spec).runs)
     results = tmp_path / "results"
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "run",
-        str(spec),
-        "--results",
-        str(results),
-        "--address",
-        ray_cluster,
-        "--quiet",
-    ]
+    command = run_command(spec, results, ray_cluster)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs_dir = results / "ray-resume" / "runs"
     deadline = time.monotonic() + 120
@@ -174,18 +169,7 @@ def test_driver_killed_mid_sweep_then_rerun_completes_only_the_missing_runs(ray_
 def test_ctrl_c_stops_the_driver_cleanly_keeping_what_was_written(ray_cluster, tmp_path):
     spec = write_spec(tmp_path, LONGER.replace('name = "ray-resume"', 'name = "ray-interrupt"'))
     results = tmp_path / "results"
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "run",
-        str(spec),
-        "--results",
-        str(results),
-        "--address",
-        ray_cluster,
-        "--quiet",
-    ]
+    command = run_command(spec, results, ray_cluster)
     driver = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
