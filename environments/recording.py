@@ -360,6 +360,14 @@ class RecordedStream:
             return pieces[0]
         return StreamStep(*(np.concatenate(parts) for parts in zip(*pieces, strict=True)))
 
+    def seek(self, steps_taken: int) -> None:
+        """Continue as if `steps_taken` steps had been taken since the start (resuming a checkpoint)."""
+        length = len(self.recording)
+        if steps_taken < 0 or (not self.wrap and steps_taken > length):
+            raise EndOfStream(f"cannot seek to step {steps_taken:,} of a {length:,}-step recorded stream")
+        self.position = steps_taken % length if self.wrap else steps_taken
+        self.steps_taken = steps_taken
+
     def reset(self) -> None:
         """Go back to the stream's first step."""
         self.position = 0

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from orchestrator.checkpoint import resumable_batches
 from orchestrator.plan import Batch, plan_batches
 from orchestrator.results import ResultsStore, RunRecord
 from orchestrator.runs import Run
@@ -68,7 +69,12 @@ def plan_sweep(
     done = {run.run_key: completed[run.run_key] for run in sweep.runs if run.run_key in completed}
     todo = [run for run in sweep.runs if run.run_key not in done]
     batches = plan_batches(
-        sweep.name, todo, workers=workers, batch_size=batch_size or sweep.batch_size, accelerator=accelerator
+        sweep.name,
+        todo,
+        workers=workers,
+        batch_size=batch_size or sweep.batch_size,
+        accelerator=accelerator,
+        resumable=resumable_batches(store),
     )
     return SweepPlan(sweep, results, done, todo, batches, workers, accelerator)
 
@@ -90,6 +96,8 @@ class SweepReport:
     actors_used: int
     failures: list[dict[str, Any]]
     busiest_actor_compute_seconds: float = 0.0  # executor time (compile + chunks) of the busiest actor
+    node_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray node id -> batches finished
+    resumed_batches: int = 0  # batches that continued from a checkpoint
 
     @property
     def ok(self) -> bool:
@@ -147,14 +155,17 @@ def run_sweep(
 
         we_started = schedule.connect(address, workers)
         try:
-            count, accelerator = schedule.cluster_workers(gpus_per_worker=1)
+            actors = schedule.cluster_workers()
             if workers and not address:
-                count = min(count, workers)
-            plan = plan_sweep(sweep, results, workers=count, accelerator=accelerator, batch_size=batch_size)
+                actors = dataclasses.replace(actors, cpu=min(actors.cpu, workers))
+            plan = plan_sweep(
+                sweep, results, workers=actors.planned, accelerator=actors.accelerator, batch_size=batch_size
+            )
             stream = progress if hasattr(progress, "write") else sys.stderr
             display = Progress(len(plan.todo), sum(b.learner_steps for b in plan.batches), stream) if progress else None
             if display:
-                display.message(plan.describe())
+                merging = f"; {actors.gpu} GPU workers merge them" if actors.gpu and actors.accelerator == "cpu" else ""
+                display.message(plan.describe() + merging)
             tracker = tracking.Tracker.start(wandb, results, sweep.name)
             if tracker and display:
                 display.message(f"W&B: {wandb}, runs in {tracker.dir}")
@@ -162,10 +173,10 @@ def run_sweep(
                 plan.batches,
                 results,
                 sweep.name,
-                workers=count,
-                accelerator=accelerator,
+                workers=actors,
                 max_attempts=max_attempts or sweep.max_attempts,
                 compilation_cache_dir=compilation_cache_dir or default_compilation_cache_dir(),
+                checkpoint_every=sweep.checkpoint_every,
                 progress=display,
                 on_batch_done=tracker.batch_done if tracker else None,
             )
@@ -190,6 +201,8 @@ def run_sweep(
         actors_used=len(outcome.actor_compute_seconds),
         failures=outcome.failed_batches,
         busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
+        node_batches=dict(outcome.node_batches),
+        resumed_batches=outcome.resumed_batches,
     )
 
 

@@ -8,6 +8,10 @@ signature compiles once per process; hyperparameters and seeds are arrays [B]. A
 Divergence: the task's reducer is wrapped so that a run's first non-finite prediction records
 the step and freezes its metrics; after each chunk the learner state is also checked for
 non-finite values. Such a run is `diverged`; the rest of its batch goes on.
+
+Checkpoints: given a checkpoint store (a ResultsStore) and `checkpoint_every` steps, the
+executor saves the batch's whole state every `checkpoint_every` steps (orchestrator.checkpoint)
+and, before starting, resumes from the batch's checkpoint when one exists for the same program.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from orchestrator import checkpoint as checkpoints_format
 from orchestrator.learner_kinds import LEARNER_KINDS
 from orchestrator.plan import Batch
 from orchestrator.runs import Run, package_version
@@ -105,6 +110,7 @@ class BatchExecutor:
         self.compiled: dict[tuple, _Compiled] = {}
         self.host = socket.gethostname()
         self.device = device_description()
+        self.node: str | None = None  # the cluster node's id, set by whoever places the executor
 
     def _compile(self, batch: Batch) -> _Compiled:
         import jax
@@ -139,8 +145,15 @@ class BatchExecutor:
         self.compiled[batch.signature] = compiled
         return compiled
 
-    def run(self, batch: Batch, attempt: int = 1) -> tuple[list[dict], list[dict]]:
-        """Advance every run of `batch` to the end; returns (runs rows, metrics rows)."""
+    def run(
+        self, batch: Batch, attempt: int = 1, *, checkpoints=None, checkpoint_every: int = 0
+    ) -> tuple[list[dict], list[dict]]:
+        """Advance every run of `batch` to the end; returns (runs rows, metrics rows).
+
+        checkpoints: a store with read_checkpoint / write_checkpoint(batch_key, bytes) (a
+        ResultsStore) or None; checkpoint_every: steps between checkpoints (a multiple of the
+        batch's log_every; 0: never save, but still resume from an existing checkpoint).
+        """
         import jax
         import jax.numpy as jnp
 
@@ -155,13 +168,24 @@ class BatchExecutor:
         env_keys, learner_keys = jax.vmap(split_run_seed)(seeds)
         recorded = None if compiled.device_stream else build_atari_stream(batch.runs[0].task.params_dict)
         carry = compiled.runner.init(hypers, learner_keys, env_keys if compiled.device_stream else None)
+        structure = jax.tree.structure(carry)
 
         run0 = batch.runs[0]
         chunks = run0.steps // run0.log_every
         size = len(batch.runs)
         diverged_at = np.full(size, NOT_DIVERGED, np.int64)
         metric_rows: list[dict] = []
-        for chunk in range(chunks):
+        first_chunk, spent_before, resumed_from = 0, 0.0, None
+        restored = self._restore(checkpoints, batch, carry) if checkpoints is not None else None
+        if restored is not None:
+            carry = jax.tree.unflatten(structure, [jnp.asarray(leaf) for leaf in restored.leaves])
+            first_chunk = restored.steps_done // run0.log_every
+            diverged_at = np.asarray(restored.diverged_at, np.int64).copy()
+            metric_rows = list(restored.metric_rows)
+            spent_before, resumed_from = restored.compute_seconds, restored.steps_done
+            if recorded is not None:
+                recorded.seek(restored.stream_position)
+        for chunk in range(first_chunk, chunks):
             steps_done = (chunk + 1) * run0.log_every
             if recorded is None:
                 carry, _ = compiled.runner.advance(hypers, carry)
@@ -186,8 +210,23 @@ class BatchExecutor:
                 }
                 row.update({name: _float(value[index]) for name, value in values.items()})
                 metric_rows.append(row)
+            if checkpoints is not None and checkpoint_every and steps_done % checkpoint_every == 0 \
+                    and steps_done < run0.steps:
+                checkpoint = checkpoints_format.Checkpoint(
+                    batch_key=batch.batch_key,
+                    run_keys=[run.run_key for run in batch.runs],
+                    padded_size=batch.padded_size,
+                    steps_done=steps_done,
+                    structure=str(structure),
+                    leaves=[np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(carry))],
+                    diverged_at=diverged_at,
+                    metric_rows=metric_rows,
+                    stream_position=None if recorded is None else recorded.steps_taken,
+                    compute_seconds=spent_before + time.perf_counter() - started,
+                )
+                checkpoints.write_checkpoint(batch.batch_key, checkpoints_format.encode(checkpoint))
 
-        wall_seconds = time.perf_counter() - started
+        wall_seconds = spent_before + time.perf_counter() - started
         finished_at = datetime.now(UTC)
         run_rows = [
             runs_row(
@@ -200,14 +239,41 @@ class BatchExecutor:
                 finished_at=finished_at,
                 host=self.host,
                 device=self.device,
+                node=self.node,
+                resumed_from_step=resumed_from,
             )
             for i, run in enumerate(batch.runs)
         ]
         return run_rows, metric_rows
 
-    def tables(self, batch: Batch, attempt: int = 1):
+    @staticmethod
+    def _restore(checkpoints, batch: Batch, carry) -> checkpoints_format.Checkpoint | None:
+        """The batch's checkpoint if it fits this program exactly (same runs, tree and leaf shapes)."""
+        import jax
+
+        data = checkpoints.read_checkpoint(batch.batch_key)
+        if data is None:
+            return None
+        try:
+            checkpoint = checkpoints_format.decode(data)
+        except ValueError:
+            return None
+        fresh = jax.tree.leaves(carry)
+        fits = (
+            checkpoint.batch_key == batch.batch_key
+            and checkpoint.run_keys == [run.run_key for run in batch.runs]
+            and checkpoint.padded_size == batch.padded_size
+            and checkpoint.structure == str(jax.tree.structure(carry))
+            and len(checkpoint.leaves) == len(fresh)
+            and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(checkpoint.leaves, fresh, strict=True))
+            and checkpoint.steps_done % batch.runs[0].log_every == 0
+            and 0 < checkpoint.steps_done < batch.runs[0].steps
+        )
+        return checkpoint if fits else None
+
+    def tables(self, batch: Batch, attempt: int = 1, **checkpointing):
         """run(...) as Arrow tables of the results schema: (runs, metrics)."""
-        run_rows, metric_rows = self.run(batch, attempt)
+        run_rows, metric_rows = self.run(batch, attempt, **checkpointing)
         return to_table("runs", run_rows), to_table("metrics", metric_rows)
 
 
@@ -222,6 +288,8 @@ def runs_row(
     finished_at: datetime,
     host: str,
     device: str,
+    node: str | None = None,
+    resumed_from_step: int | None = None,
 ) -> dict:
     """The `runs` row of one run of a finished batch (see orchestrator.schema)."""
     kind = LEARNER_KINDS[run.learner]
@@ -251,7 +319,9 @@ def runs_row(
         "wall_seconds": wall_seconds,
         "attempt": attempt,
         "host": host,
+        "node": node,
         "device": device,
+        "resumed_from_step": resumed_from_step,
         "package_version": package_version(),
         "schema_version": SCHEMA_VERSION,
         "finished_at": finished_at,

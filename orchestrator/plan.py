@@ -76,21 +76,33 @@ def plan_batches(
     workers: int,
     batch_size: int | None = None,
     accelerator: str = "cpu",
+    resumable: Iterable[tuple[Iterable[str], int]] = (),
 ) -> list[Batch]:
     """Group `runs` by signature and cut each group into near-equal batches.
 
     batch_size None (auto): at most `max_batch_size(accelerator)` and small enough that every
     one of `workers` actors gets work. Batches come largest-work first (learner-steps x runs).
+    resumable: (run keys, padded size) of checkpointed batches; one whose runs are all still to
+    run is kept exactly as it was (same batch key), so it resumes from its checkpoint.
     """
+    runs = list(runs)
+    by_key = {run.run_key: run for run in runs}
+    batches: list[Batch] = []
+    for run_keys, padded_size in resumable:
+        kept = [by_key.get(key) for key in run_keys]
+        if kept and all(kept) and len({signature(run) for run in kept}) == 1 and padded_size >= len(kept):
+            batches.append(Batch(sweep=sweep, runs=tuple(kept), padded_size=padded_size))
+            for run in kept:
+                del by_key[run.run_key]
+    runs = [run for run in runs if run.run_key in by_key]
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(signature(run), []).append(run)
-    total = sum(len(group) for group in groups.values())
+    total = sum(len(group) for group in groups.values()) + sum(len(batch.runs) for batch in batches)
     if total == 0:
         return []
     if batch_size is None:
         batch_size = max(1, min(max_batch_size(accelerator), math.ceil(total / max(1, workers))))
-    batches: list[Batch] = []
     for group in groups.values():
         count = math.ceil(len(group) / batch_size)
         base, extra = divmod(len(group), count)

@@ -1,7 +1,8 @@
 """The terminal progress display: runs done / total, learner-steps per second, ETA, failures.
 
 On a terminal one line is redrawn in place; elsewhere (CI logs, pipes) a line is printed per
-finished batch. Learner-steps count completed runs' steps (a batch counts when it is written).
+finished batch, at the next refresh (after the freed actor got its next batch, so `running`
+counts it). Learner-steps count completed runs' steps (a batch counts when it is written).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Progress:
         self.started_at = time.perf_counter()
         self.runs_done = self.learner_steps_done = self.diverged = self.failed = self.retries = 0
         self.running = 0
+        self.changed = False  # a batch finished since the last line
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.started_at
@@ -63,15 +65,21 @@ class Progress:
         self.running += 1
 
     def refresh(self) -> None:
-        if self.live:
+        if self.live or self.changed:
             self._show()
+            self.changed = False
 
     def finished(self, batch: Batch, summary: dict[str, Any]) -> None:
         self.running -= 1
         self.runs_done += summary["runs"]
         self.diverged += summary["diverged"]
         self.learner_steps_done += batch.learner_steps
-        self._show()
+        if summary.get("resumed_from_step"):
+            self.message(
+                f"batch {batch.batch_key[:12]} ({batch.learner} on {batch.task}) resumed from its checkpoint "
+                f"at step {summary['resumed_from_step']:,}"
+            )
+        self.changed = True
 
     def retried(self, batch: Batch, attempt: int, error: str) -> None:
         self.running -= 1
@@ -95,5 +103,6 @@ class Progress:
         self._show()
 
     def close(self) -> None:
-        if self.live:
+        if self.live or self.changed:
             self._show(final=True)
+            self.changed = False

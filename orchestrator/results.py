@@ -5,11 +5,16 @@ Layout under a results root (a local path or any pyarrow filesystem URI, e.g. s3
     <root>/<sweep>/runs/learner=<kind>/task=<task>/<batch_key>.parquet      one row per run
     <root>/<sweep>/metrics/learner=<kind>/task=<task>/<batch_key>.parquet   one row per run per log point
     <root>/<sweep>/failures/<batch_key>.json                                a batch that gave up
+    <root>/<sweep>/checkpoints/<batch_key>.ckpt                             an unfinished batch's state
 
 Exactly-once: a batch's file name is derived from its run keys; each file is written under a
 hidden temporary name and renamed (on object stores a single PUT). The metrics file is written
 first and the runs file last: a run is complete exactly when its runs row exists. Before a
 sweep is (re)scheduled, `remove_orphans` deletes metrics files whose runs file never appeared.
+
+Checkpoints (orchestrator.checkpoint) hold a running batch's state every N steps, so a retried
+or rerun batch resumes instead of starting over; the worker deletes a batch's checkpoint once
+its runs file is written, and `remove_orphans` deletes any left over for complete batches.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class ResultsStore:
     def failure_path(self, batch_key: str) -> str:
         return f"{self.base}/failures/{batch_key}.json"
 
+    def checkpoint_path(self, batch_key: str) -> str:
+        return f"{self.base}/checkpoints/{batch_key}.ckpt"
+
     # -- writing --------------------------------------------------------------------------
     def _write_atomically(self, path: str, write) -> None:
         folder, name = path.rsplit("/", 1)
@@ -110,6 +118,34 @@ class ResultsStore:
     def clear_failure(self, batch_key: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.filesystem.delete_file(self.failure_path(batch_key))
+
+    def write_checkpoint(self, batch_key: str, data: bytes) -> None:
+        """Replace the batch's checkpoint atomically (a reader sees the old one or the new one)."""
+
+        def write(path):
+            with self.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+
+        self._write_atomically(self.checkpoint_path(batch_key), write)
+
+    def read_checkpoint(self, batch_key: str) -> bytes | None:
+        try:
+            with self.filesystem.open_input_stream(self.checkpoint_path(batch_key)) as stream:
+                return stream.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def delete_checkpoint(self, batch_key: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.filesystem.delete_file(self.checkpoint_path(batch_key))
+
+    def checkpoint_keys(self) -> list[str]:
+        """Batch keys that have a checkpoint."""
+        return sorted(
+            info.base_name[: -len(".ckpt")]
+            for info in self._files(f"{self.base}/checkpoints")
+            if info.base_name.endswith(".ckpt")
+        )
 
     # -- reading --------------------------------------------------------------------------
     def _files(self, folder: str) -> list[pafs.FileInfo]:
@@ -159,7 +195,8 @@ class ResultsStore:
         return records
 
     def remove_orphans(self) -> int:
-        """Delete metrics files without a runs file, and leftover temporary files; returns how many.
+        """Delete metrics files without a runs file, checkpoints of complete batches and leftover
+        temporary files; returns how many.
 
         Only safe while no other driver writes this sweep (one driver per sweep).
         """
@@ -169,6 +206,10 @@ class ResultsStore:
             if info.path.split("/metrics/", 1)[1] not in runs:
                 self.filesystem.delete_file(info.path)
                 removed += 1
+        complete = {path.rsplit("/", 1)[1][: -len(".parquet")] for path in runs}
+        for batch_key in set(self.checkpoint_keys()) & complete:
+            self.delete_checkpoint(batch_key)
+            removed += 1
         selector = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
         for info in self.filesystem.get_file_info(selector):
             if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(".tmp"):

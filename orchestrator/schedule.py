@@ -33,18 +33,30 @@ class ClusterError(RuntimeError):
 class BatchWorker:
     """A Ray actor body: runs batches with one executor, writes each batch's files atomically."""
 
-    def __init__(self, results_root: str, sweep: str, compilation_cache_dir: str | None):
+    def __init__(self, results_root: str, sweep: str, compilation_cache_dir: str | None, checkpoint_every: int = 0):
+        import ray
+
         from orchestrator.execute import BatchExecutor
 
         self.store = ResultsStore(results_root, sweep)
         self.executor = BatchExecutor(compilation_cache_dir)
+        self.executor.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.checkpoint_every = checkpoint_every
+
+    def ready(self) -> bool:
+        """Answers once the actor is placed and started."""
+        return True
 
     def run_batch(self, batch: Batch, attempt: int) -> dict[str, Any]:
-        """Run and write one batch; returns a summary for the driver."""
+        """Run and write one batch (resuming from its checkpoint); returns a summary for the driver."""
         started = time.perf_counter()
-        runs, metrics = self.executor.tables(batch, attempt)
+        runs, metrics = self.executor.tables(
+            batch, attempt, checkpoints=self.store, checkpoint_every=self.checkpoint_every
+        )
         self.store.write_batch(batch.learner, batch.task, batch.batch_key, runs, metrics)
+        self.store.delete_checkpoint(batch.batch_key)
         statuses = runs["status"].to_pylist()
+        resumed = runs["resumed_from_step"][0].as_py() if len(statuses) else None
         return {
             "batch_key": batch.batch_key,
             "runs": len(statuses),
@@ -52,7 +64,9 @@ class BatchWorker:
             "seconds": time.perf_counter() - started,  # compute and writing
             "compute_seconds": runs["wall_seconds"][0].as_py() if len(statuses) else 0.0,
             "host": self.executor.host,
+            "node": self.executor.node,
             "pid": os.getpid(),
+            "resumed_from_step": resumed,
         }
 
 
@@ -68,6 +82,8 @@ class SweepOutcome:
     workers: int = 0
     seconds: float = 0.0
     actor_compute_seconds: dict = field(default_factory=dict)  # (host, pid) -> executor seconds
+    node_batches: dict = field(default_factory=dict)  # Ray node id -> batches it finished
+    resumed_batches: int = 0  # batches that continued from a checkpoint
 
     @property
     def runs_failed(self) -> int:
@@ -119,15 +135,64 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def cluster_workers(gpus_per_worker: float) -> tuple[int, str]:
-    """How many actors the connected cluster fits, and the accelerator kind ('gpu' or 'cpu')."""
+@dataclass(frozen=True)
+class Workers:
+    """The actors a cluster fits: `cpu` one-core actors and `gpu` one-GPU actors.
+
+    cpu_nodes: (node id, CPUs) of the nodes without GPUs, where the CPU actors go.
+    """
+
+    cpu: int
+    gpu: int = 0
+    cpu_nodes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def accelerator(self) -> str:
+        """How batches are sized: 'gpu' on an all-GPU cluster, else 'cpu' (GPU actors merge them)."""
+        return "gpu" if self.gpu and not self.cpu else "cpu"
+
+    @property
+    def planned(self) -> int:
+        """The actors the plan cuts batches for (a GPU actor merges CPU-sized batches)."""
+        return self.gpu if self.accelerator == "gpu" else self.cpu
+
+
+def cluster_workers() -> Workers:
+    """The connected cluster's actors: one per GPU, and one per CPU of the nodes without a GPU."""
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus and gpus_per_worker:
-        return max(1, int(gpus / gpus_per_worker)), "gpu"
-    return max(1, int(resources.get("CPU", 1))), "cpu"
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    gpus = sum(int(node["Resources"].get("GPU", 0)) for node in nodes)
+    cpu_nodes = tuple(
+        (node["NodeID"], int(node["Resources"].get("CPU", 0)))
+        for node in nodes
+        if not node["Resources"].get("GPU") and int(node["Resources"].get("CPU", 0)) > 0
+    )
+    cpus = sum(count for _, count in cpu_nodes)
+    if not gpus and not cpus:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return Workers(cpu=cpus, gpu=gpus, cpu_nodes=cpu_nodes)
+
+
+def merge_for_gpu(queue: collections.deque, first: tuple[Batch, int], limit: int) -> tuple[Batch, int]:
+    """`first` plus queued first-try batches of its signature, up to `limit` runs, as one batch.
+
+    The merged batch is padded to a power of two (a GPU actor compiles each signature at most
+    log2(limit) times). A batch on a retry stays as it was (its checkpoint is keyed by it).
+    """
+    batch, attempt = first
+    if attempt > 1:
+        return first
+    runs = list(batch.runs)
+    for queued in list(queue):
+        other, other_attempt = queued
+        if other_attempt == 1 and other.signature == batch.signature and len(runs) + len(other.runs) <= limit:
+            runs.extend(other.runs)
+            queue.remove(queued)
+    if len(runs) == len(batch.runs):
+        return first
+    padded = 1 << (len(runs) - 1).bit_length()
+    return Batch(sweep=batch.sweep, runs=tuple(runs), padded_size=min(max(padded, batch.padded_size), limit)), 1
 
 
 def run_batches(
@@ -135,68 +200,119 @@ def run_batches(
     results_root: str,
     sweep: str,
     *,
-    workers: int,
-    accelerator: str,
+    workers: int | Workers,
+    accelerator: str = "cpu",
     max_attempts: int,
     compilation_cache_dir: str | None,
+    checkpoint_every: int = 0,
     progress: Progress | None = None,
     on_batch_done=None,
 ) -> SweepOutcome:
-    """Run `batches` on `workers` actors of the connected Ray cluster (ray.init done).
+    """Run `batches` on the actors of the connected Ray cluster (ray.init done).
 
+    workers: a Workers (cluster_workers()), or a number of actors of kind `accelerator`. On a
+    cluster with GPU and CPU-only nodes, CPU actors run the planned batches and each GPU actor
+    takes several batches of one signature at a time, merged up to GPU_MAX_BATCH runs.
+    An actor lost with its process or node is replaced once the cluster has room (a new actor
+    must answer before it gets work); its batch goes back to the queue for any live actor.
+    checkpoint_every: steps between a batch's checkpoints (0: none); a retried batch resumes
+    from its last checkpoint.
     on_batch_done(batch): called in the driver after a batch's results are written (must return
     at once, e.g. orchestrator.tracking.Tracker.batch_done).
     """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    outcome = SweepOutcome(workers=workers)
+    from orchestrator.plan import GPU_MAX_BATCH
+
+    if not isinstance(workers, Workers):
+        workers = Workers(cpu=0, gpu=workers) if accelerator == "gpu" else Workers(cpu=workers)
+    outcome = SweepOutcome(workers=workers.cpu + workers.gpu)
     started = time.perf_counter()
     store = ResultsStore(results_root, sweep)
-    options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_concurrency": 1}
-    if accelerator == "gpu":
-        options["num_gpus"] = 1
-    else:
-        options["runtime_env"] = {"env_vars": {"XLA_FLAGS": CPU_ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}}
-    actor_class = ray.remote(BatchWorker).options(**options)
+    remote_worker = ray.remote(BatchWorker)
+    base: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_concurrency": 1}
+    cpu_options = {**base, "runtime_env": {"env_vars": {"XLA_FLAGS": CPU_ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}}}
+    gpu_options = {**base, "num_gpus": 1}
+    arguments = (results_root, sweep, compilation_cache_dir, checkpoint_every)
+    cpu_slots = [node for node, cpus in workers.cpu_nodes for _ in range(cpus)]
+    gpu_actors: set = set()
 
-    def new_actor():
-        return actor_class.remote(results_root, sweep, compilation_cache_dir)
+    def new_actor(kind: str, slot: int | None = None):
+        if kind == "gpu":
+            actor = remote_worker.options(**gpu_options).remote(*arguments)
+            gpu_actors.add(actor)
+            return actor
+        if slot is not None and slot < len(cpu_slots):  # soft: the node if it has room, else anywhere
+            strategy = NodeAffinitySchedulingStrategy(cpu_slots[slot], soft=True)
+            return remote_worker.options(**{**cpu_options, "scheduling_strategy": strategy}).remote(*arguments)
+        return remote_worker.options(**cpu_options).remote(*arguments)
 
     queue: collections.deque[tuple[Batch, int]] = collections.deque((batch, 1) for batch in batches)
-    actors = [new_actor() for _ in range(min(workers, len(batches)))]
-    compiled: dict[Any, set] = {actor: set() for actor in actors}
-    idle = list(actors)
+    wanted = [("gpu", None)] * workers.gpu + [("cpu", slot) for slot in range(workers.cpu)]
+    wanted = wanted[: len(batches)]  # GPU actors first
+    compiled: dict[Any, set] = {}
+    idle: list = []
+    for kind, slot in wanted:
+        actor = new_actor(kind, slot)
+        compiled[actor] = set()
+        idle.append(actor)
+    lost: list[str] = []  # kinds of actors lost, to replace when the cluster has room
+    joining: dict[Any, Any] = {}  # ping ref -> replacement actor not yet known to be placed
     in_flight: dict[Any, tuple[Any, Batch, int]] = {}
 
     def next_for(actor) -> tuple[Batch, int]:
-        for index, (batch, attempt) in enumerate(queue):
+        chosen = None
+        for index, (batch, _) in enumerate(queue):
             if batch.signature in compiled[actor]:
+                chosen = queue[index]
                 del queue[index]
-                return batch, attempt
-        return queue.popleft()
+                break
+        if chosen is None:
+            chosen = queue.popleft()
+        if actor in gpu_actors and workers.accelerator == "cpu":
+            chosen = merge_for_gpu(queue, chosen, GPU_MAX_BATCH)
+        return chosen
+
+    def room_for(kind: str) -> bool:
+        available = ray.available_resources()
+        return available.get("GPU" if kind == "gpu" else "CPU", 0) >= 1
 
     try:
         while queue or in_flight:
+            if lost and (not compiled or room_for(lost[0])):
+                actor = new_actor(lost.pop(0))
+                joining[actor.ready.remote()] = actor
             while idle and queue:
                 actor = idle.pop()
                 batch, attempt = next_for(actor)
                 in_flight[actor.run_batch.remote(batch, attempt)] = (actor, batch, attempt)
                 if progress:
                     progress.started(batch)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+            ready, _ = ray.wait(list(in_flight) + list(joining), num_returns=1, timeout=WAIT_SECONDS)
             if progress:
                 progress.refresh()
             for ref in ready:
+                if ref in joining:
+                    actor = joining.pop(ref)
+                    try:
+                        ray.get(ref, timeout=0)
+                    except (RayActorError, GetTimeoutError):
+                        lost.append("gpu" if actor in gpu_actors else "cpu")
+                        continue
+                    compiled[actor] = set()
+                    idle.append(actor)
+                    continue
                 actor, batch, attempt = in_flight.pop(ref)
                 try:
                     summary = ray.get(ref)
                 except (RayTaskError, RayActorError) as error:
-                    if isinstance(error, RayActorError):  # the actor died: replace it
+                    if isinstance(error, RayActorError):  # the actor died (its process or node): replace it
                         del compiled[actor]
-                        actor = new_actor()
-                        compiled[actor] = set()
-                    idle.append(actor)
+                        lost.append("gpu" if actor in gpu_actors else "cpu")
+                    else:
+                        idle.append(actor)
                     message = _error_text(error)
                     if attempt < max_attempts:
                         queue.append((batch, attempt + 1))
@@ -220,6 +336,8 @@ def run_batches(
                 outcome.actor_compute_seconds[actor_key] = (
                     outcome.actor_compute_seconds.get(actor_key, 0.0) + summary["compute_seconds"]
                 )
+                outcome.node_batches[summary["node"]] = outcome.node_batches.get(summary["node"], 0) + 1
+                outcome.resumed_batches += summary["resumed_from_step"] is not None
                 if progress:
                     progress.finished(batch, summary)
                 if on_batch_done:
@@ -227,7 +345,7 @@ def run_batches(
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
-        for actor in compiled:
+        for actor in list(compiled) + list(joining.values()):
             ray.kill(actor, no_restart=True)
         outcome.seconds = time.perf_counter() - started
     return outcome

@@ -15,7 +15,7 @@ import pyarrow as pa
 from orchestrator.learner_kinds import LEARNER_KINDS
 from orchestrator.task_kinds import TASK_KINDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("complete", "diverged")
 
 _ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string()}
@@ -62,13 +62,16 @@ RUNS_SCHEMA = pa.schema(
         pa.field("diverged_at_step", pa.int64()),  # first step with a non-finite prediction or state
         pa.field("batch_key", pa.string()),  # the file this row lives in
         pa.field("batch_size", pa.int64()),  # runs vmapped together (before padding)
-        pa.field("wall_seconds", pa.float64()),  # wall time of the whole batch (compile included)
+        pa.field("wall_seconds", pa.float64()),  # wall time of the whole batch (compile included, all attempts)
         pa.field("attempt", pa.int64()),  # 1 for a first try
         pa.field("host", pa.string()),
         pa.field("device", pa.string()),  # e.g. "cpu", "cuda:0 NVIDIA H100"
         pa.field("package_version", pa.string()),
         pa.field("schema_version", pa.int64()),
         pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+        # schema version 2
+        pa.field("node", pa.string()),  # the Ray node id that ran the batch (null outside Ray)
+        pa.field("resumed_from_step", pa.int64()),  # the checkpoint's step this attempt resumed from; null: step 0
     ],
     metadata={"ccn_sweeps.table": "runs", "ccn_sweeps.schema_version": str(SCHEMA_VERSION)},
 )

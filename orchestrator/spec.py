@@ -32,14 +32,16 @@ TOP_LEVEL_KEYS = (
     "log_every",
     "batch_size",
     "max_attempts",
+    "checkpoint_every",
     "evaluation_seeds",
     "tasks",
     "learners",
 )
-LEARNER_KEYS = ("kind", "name", "shape", "match_flops")
+LEARNER_KEYS = ("kind", "name", "shape", "match_flops", "steps")
 MATCH_FLOPS_KEYS = ("of", "tolerance", "measure", "truncations")
 TASK_KEYS = ("kind", "name")
 DEFAULT_MAX_ATTEMPTS = 3
+CHECKPOINT_TARGET_STEPS = 1_000_000  # "auto": checkpoint about every million steps
 DEFAULT_EVALUATION_SEEDS = 5  # fresh seeds per winner in `ccn run SPEC --stage evaluate`
 
 
@@ -67,6 +69,7 @@ class Sweep:
     runs: tuple[Run, ...]
     description: str = ""
     evaluation_seeds: int = DEFAULT_EVALUATION_SEEDS
+    checkpoint_every: int = 0  # steps between a batch's checkpoints (a multiple of log_every); 0: never
 
     @property
     def evaluation_seed_list(self) -> tuple[int, ...]:
@@ -218,6 +221,7 @@ class _Parser:
             if batch_size is None and "batch_size" in doc:
                 self.problems[-1] += ' (or "auto")'
         max_attempts = self.positive_int(doc, "max_attempts", "max_attempts", default=DEFAULT_MAX_ATTEMPTS)
+        checkpoint_every = self.parse_checkpoint_every(doc.get("checkpoint_every", "auto"), steps, log_every)
         evaluation_seeds = self.positive_int(
             doc, "evaluation_seeds", "evaluation_seeds", default=DEFAULT_EVALUATION_SEEDS
         )
@@ -226,6 +230,9 @@ class _Parser:
         entries = self.parse_learners(doc.get("learners", MISSING))
         if log_every:
             self.check_measures(tasks, log_every)
+            for entry in entries:
+                if entry["steps"] and entry["steps"] % log_every:
+                    self.problem(entry["prefix"] + "steps", f"must be a multiple of log_every ({log_every})")
         if self.problems or not tasks:
             return None
         runs = self.expand(entries, tasks, seeds, steps, log_every)
@@ -243,7 +250,24 @@ class _Parser:
             runs=tuple(runs),
             description=description,
             evaluation_seeds=evaluation_seeds or DEFAULT_EVALUATION_SEEDS,
+            checkpoint_every=checkpoint_every,
         )
+
+    def parse_checkpoint_every(self, value: Any, steps: int | None, log_every: int | None) -> int:
+        """Steps between checkpoints: "auto" (about every million steps, on a log point), 0 (never)
+        or a positive multiple of log_every."""
+        if not steps or not log_every:
+            return 0
+        if value == "auto":
+            every = max(1, round(CHECKPOINT_TARGET_STEPS / log_every)) * log_every
+            return every if every < steps else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.problem("checkpoint_every", f'must be "auto", 0 (never) or a positive number of steps, got {value!r}')
+            return 0
+        if value % log_every:
+            self.problem("checkpoint_every", f"must be a multiple of log_every ({log_every}); {value} is not")
+            return 0
+        return value if value < steps else 0
 
     def parse_seeds(self, seeds: Any) -> list[int]:
         if seeds is MISSING:
@@ -370,6 +394,7 @@ class _Parser:
             if name is not None and not is_safe_path_component(name):
                 self.problem(prefix + "name", f"{name!r} is not a safe name (letters, digits, '.', '_', '-')")
             entry["name"] = name
+            entry["steps"] = self.positive_int(table, "steps", prefix + "steps", default=None)
             has_shape, has_match = "shape" in table, "match_flops" in table
             if has_match and kind.name != "tbptt":
                 self.problem(prefix + "match_flops", "only a tbptt learner can be matched to another's compute")
@@ -527,7 +552,7 @@ class _Parser:
                                     hyper=tuple(sorted(zip(hyper, hyper_values, strict=True))),
                                     task=task,
                                     seed=seed,
-                                    steps=steps,
+                                    steps=entry["steps"] or steps,
                                     log_every=log_every,
                                 )
                                 runs.setdefault(run.run_key, run)
