@@ -1,14 +1,17 @@
 """A real multi-node Ray cluster on this machine: a head and N worker nodes on 127.0.0.1.
 
     state = up(workers=2, cpus_per_node=1)       # prints nothing; state.address is HOST:PORT
+                                                 # state.dashboard is http://127.0.0.1:PORT
     ccn run SPEC --address <state.address>
     down()                                       # stops exactly the processes `up` started
 
 Each node is one `ray start --block` process in its own session (process group); everything Ray
 starts for the node (GCS, raylet, agents, workers) descends from it. The head declares 0 CPUs,
 so a sweep's actors run on the worker nodes, each with `cpus_per_node` CPUs and a resource
-`ccn_node_<i>` naming it. The dashboard is off (the agents bind to 127.0.0.1). What was started
-(address, each node's pid and process tree with start times) is saved in a JSON state file
+`ccn_node_<i>` naming it. The head runs Ray's dashboard (and with it the Jobs API that `ccn
+submit` talks to) on http://127.0.0.1:<free port>; every node's dashboard agent gets a free port
+of its own, so the cluster does not collide with another Ray on the machine. What was started
+(address, dashboard URL, each node's pid and process tree with start times) is saved in a JSON state file
 (default `.ccn/cluster.json`, or $CCN_CLUSTER_STATE), and `down` stops those processes only:
 other Ray instances on the machine are left alone, and a pid reused since is recognised by its
 start time.
@@ -57,6 +60,7 @@ class LocalCluster:
     cpus_per_node: int
     temp_dir: str  # Ray's session folder (removed by down)
     nodes: list[Node]
+    dashboard: str = ""  # http://127.0.0.1:PORT: the dashboard and the Jobs API (`ccn submit --address`)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -205,14 +209,18 @@ def up(
     path = state_path(state)
     if path.exists():
         raise ClusterStateError(f"a local cluster is already recorded in {path}; run `ccn cluster down` first")
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     address = f"{HOST}:{port}"
+    dashboard = f"http://{HOST}:{dashboard_port}"
     base = Path(temp_dir or path.parent / "ray").absolute()  # the nodes' logs
     base.mkdir(parents=True, exist_ok=True)
     session = tempfile.mkdtemp(prefix="ccn-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # loopback only, for laptops and tests: no token authentication, so any local `ccn run --address` attaches
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)  # Ray lets $RAY_ADDRESS override an explicit address
+    # a Ray job's entrypoint (`ccn submit`: `python -m orchestrator.cli run ...`) is a shell command
+    # run with the nodes' environment: put this interpreter's bin folder first, so `python` is this one
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     common = ["--node-ip-address", HOST, "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"]
     started: list[tuple[str, subprocess.Popen, Path]] = []
     try:
@@ -225,9 +233,13 @@ def up(
                 "--num-cpus",
                 "0",
                 "--include-dashboard",
-                "false",
+                "true",
                 "--dashboard-host",
                 HOST,
+                "--dashboard-port",
+                str(dashboard_port),
+                "--dashboard-agent-listen-port",
+                str(_free_port()),
                 "--temp-dir",
                 session,
                 "--resources",
@@ -240,6 +252,7 @@ def up(
         started.append(("head", head, log))
         _wait_for_port(port, head, log, timeout)
         _wait_started(head, log, timeout)
+        _wait_for_port(dashboard_port, head, log, timeout)
         for index in range(workers):  # one at a time: a loaded machine may miss Ray's 30 s raylet wait
             log = base / f"worker-{index}.log"
             for attempt in range(1, START_ATTEMPTS + 1):
@@ -251,6 +264,12 @@ def up(
                         str(cpus_per_node),
                         "--resources",
                         json.dumps({f"ccn_node_{index}": 1}),
+                        "--dashboard-agent-listen-port",
+                        str(_free_port()),
+                        # a session folder of its own: nodes sharing one would unpack a job's working_dir
+                        # into the same folder, each deleting the other's copy (a Ray job's cwd among them)
+                        "--temp-dir",
+                        f"{session}/w{index}",
                         *common,
                     ],
                     log,
@@ -270,7 +289,7 @@ def up(
         shutil.rmtree(session, ignore_errors=True)
         raise
     nodes = [Node(role, process.pid, str(log), _tree(process.pid)) for role, process, log in started]
-    cluster = LocalCluster(address, workers, cpus_per_node, session, nodes)
+    cluster = LocalCluster(address, workers, cpus_per_node, session, nodes, dashboard)
     cluster.save(path)
     return cluster
 

@@ -8,6 +8,7 @@
     ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc]
     ccn cluster up --workers N [--cpus-per-node C]   # a local multi-node Ray (docs/cluster.md)
     ccn cluster down
+    ccn submit SPEC --address http://HEAD:8265 --results URI [--wait]   # a Ray job (docs/cluster.md)
 
 Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster is unreachable;
 2 the spec (or a command-line value) is invalid, before any compute.
@@ -78,7 +79,85 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--workers", type=_positive_int, default=1, metavar="N")
     _add_report(commands)
     _add_cluster(commands)
+    _add_submit(commands)
     return parser
+
+
+def _add_submit(commands) -> None:
+    """`ccn submit`: a thin layer over cluster.submit (the Ray Jobs API; docs/cluster.md)."""
+    text = "run SPEC on a Ray cluster as a job (the Ray Jobs API); returns once it is submitted"
+    submit = commands.add_parser("submit", help=text, description=text)
+    submit.add_argument("spec", metavar="SPEC", help="the sweep spec (TOML), validated here before submitting")
+    submit.add_argument(
+        "--address", required=True, metavar="URL", help="the cluster's Jobs API: its dashboard, http://HEAD:8265"
+    )
+    submit.add_argument(
+        "--results",
+        required=True,
+        metavar="URI_OR_ABS_PATH",
+        help="results root as the cluster sees it: s3://bucket/prefix or an absolute shared path",
+    )
+    submit.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
+    submit.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
+    submit.add_argument(
+        "--wandb",
+        choices=api.WANDB_MODES,
+        default=None,
+        help="W&B mode on the cluster (default: the cluster's; $WANDB_MODE here is forwarded, $WANDB_API_KEY never)",
+    )
+    submit.add_argument("--stage", choices=api.STAGES, default="select", help="select (default) or evaluate")
+    submit.add_argument(
+        "--pip",
+        "--runtime-env-pip",
+        dest="pip",
+        action="append",
+        metavar="PACKAGE",
+        help="a pip requirement to add to the job's environment (repeatable; default: none, the cluster has the deps)",
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 if it succeeds, else 1")
+
+
+def _submit(arguments) -> int:
+    from cluster import submit
+
+    try:
+        job = submit.submit(
+            arguments.spec,
+            arguments.address,
+            arguments.results,
+            wandb=arguments.wandb,
+            batch_size=arguments.batch_size,
+            max_attempts=arguments.max_attempts,
+            stage=arguments.stage,
+            pip=arguments.pip,
+        )
+    except submit.SubmitError as error:
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as error:  # a bad --results (SpecError is handled by main)
+        if isinstance(error, SpecError):
+            raise
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"submitted sweep {job.sweep!r} as Ray job {job.job_id}")
+    for line in job.instructions():
+        print(f"  {line}")
+    if not arguments.wait:
+        return EXIT_OK
+    sys.stdout.flush()
+    try:
+        status = submit.follow(job)
+    except KeyboardInterrupt:
+        print(
+            f"\nccn: stopped following; the job goes on (ray job stop --address {job.address} {job.job_id})",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the cluster went away while we followed
+        print(f"ccn: lost the job {job.job_id}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"job {job.job_id}: {status}")
+    return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
 
 
 def _add_cluster(commands) -> None:
@@ -106,14 +185,20 @@ def _cluster(arguments) -> int:
             started = local.up(arguments.workers, arguments.cpus_per_node, state=arguments.state)
             print(f"local Ray cluster up: 1 head + {started.workers} workers x {started.cpus_per_node} CPUs")
             print(f"address: {started.address}")
+            print(f"dashboard: {started.dashboard}")
             print(f"run a sweep on it:  ccn run SPEC --address {started.address}")
+            print(f"or submit it:       ccn submit SPEC --address {started.dashboard} --results ABSOLUTE_DIR")
             print(f"stop it:            ccn cluster down   (state: {local.state_path(arguments.state)})")
         elif arguments.action == "down":
             stopped = local.down(arguments.state)
             print(f"local Ray cluster at {stopped.address} stopped ({len(stopped.nodes)} nodes)")
         else:
             recorded = local.status(arguments.state)
-            print(f"address: {recorded.address}" if recorded else "no local cluster is recorded")
+            if recorded:
+                print(f"address: {recorded.address}")
+                print(f"dashboard: {recorded.dashboard or '(off)'}")
+            else:
+                print("no local cluster is recorded")
     except (local.ClusterStateError, RuntimeError) as error:
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -222,6 +307,7 @@ COMMANDS = {
     "plan": _plan,
     "report": _report,
     "cluster": _cluster,
+    "submit": _submit,
 }
 
 if __name__ == "__main__":

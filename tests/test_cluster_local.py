@@ -36,20 +36,26 @@ def ccn(*arguments: str, env: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_cluster_up_run_down_leaves_no_process_behind(tmp_path):
-    state = tmp_path / "cluster.json"
-    env = {
+def ccn_env(tmp_path, state) -> dict:
+    """The environment of `ccn` subprocesses: this state file, a private JAX cache, W&B off, no RAY_*."""
+    return {
         # an earlier in-process ray.init leaves RAY_AUTH_MODE=token (and RAY_ADDRESS) in os.environ
         **{key: value for key, value in os.environ.items() if not key.startswith("RAY_")},
         "CCN_CLUSTER_STATE": str(state),
         "CCN_JAX_CACHE_DIR": str(tmp_path / "jax_cache"),
         "WANDB_MODE": "disabled",
     }
+
+
+def test_cluster_up_run_down_leaves_no_process_behind(tmp_path):
+    state = tmp_path / "cluster.json"
+    env = ccn_env(tmp_path, state)
     up = ccn("cluster", "up", "--workers", "2", "--cpus-per-node", "1", env=env)
     assert up.returncode == 0, up.stderr
     cluster = local.LocalCluster.load(state)
     try:
         assert f"address: {cluster.address}" in up.stdout
+        assert cluster.dashboard.startswith("http://127.0.0.1:") and f"dashboard: {cluster.dashboard}" in up.stdout
         assert [node.role for node in cluster.nodes] == ["head", "worker", "worker"]
         assert all(local._alive(pid, started) for pid, started in cluster.recorded_processes())
         again = ccn("cluster", "up", "--workers", "1", env=env)  # one cluster per state file
