@@ -17,7 +17,9 @@ Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster i
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from orchestrator import api
 from orchestrator.spec import SpecError
@@ -229,8 +231,15 @@ def _report(arguments) -> int:
     return EXIT_OK
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) stops a sweep as Ctrl-C does: a background job's shell ignores SIGINT
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[arguments.command](arguments)
     except SpecError as error:
@@ -268,6 +277,7 @@ def _run(arguments) -> int:
         f"sweep {report.sweep!r}: {report.total} runs; {report.already_done} were already done, {report.ran} ran now "
         f"({report.diverged} diverged in all), {report.failed} failed; {report.seconds:.1f}s; "
         f"results in {report.results}"
+        + (f"; {report.resumed_batches} batches resumed from checkpoints" if report.resumed_batches else "")
     )
     for failure in report.failures:
         print(f"  failed batch {failure['batch_key'][:12]} ({len(failure['run_keys'])} runs): {failure['error']}")

@@ -166,7 +166,8 @@ def test_driver_killed_mid_sweep_then_rerun_completes_only_the_missing_runs(ray_
     assert metric_rows[0] == metric_rows[1] == total * 20
 
 
-def test_ctrl_c_stops_the_driver_cleanly_keeping_what_was_written(ray_cluster, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_stops_the_driver_cleanly_keeping_what_was_written(ray_cluster, tmp_path, stop):
     spec = write_spec(tmp_path, LONGER.replace('name = "ray-resume"', 'name = "ray-interrupt"'))
     results = tmp_path / "results"
     command = run_command(spec, results, ray_cluster)
@@ -181,7 +182,7 @@ def test_ctrl_c_stops_the_driver_cleanly_keeping_what_was_written(ray_cluster, t
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and driver.poll() is None and not list(runs_dir.glob("**/*.parquet")):
         time.sleep(0.05)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(stop)
     _, error = driver.communicate(timeout=30)
     assert driver.returncode == 130, error
     assert "interrupted; rerun the same command to finish what is missing" in error
