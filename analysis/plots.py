@@ -96,3 +96,32 @@ def frontier(points: list[dict], out: Path, task: str) -> Path:
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     return _save(figure, out, f"frontier_{task}")
+
+
+def along(rows: list[dict], out: Path, parameter: str) -> Path:
+    """Final error against a task parameter, one line per learner, with 95% CI error bars."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    lines = defaultdict(list)
+    for row in rows:
+        lines[(row["learner_name"], row["shape"])].append(row)
+    values = []
+    for (name, shape), members in sorted(lines.items()):
+        members = [m for m in members if m["error"].n]
+        biased = ", biased" if any(m["stage"] == "selection" for m in members) else ""
+        seeds = min((m["seeds"] for m in members), default=0)
+        errors = [
+            [m["error"].mean - m["error"].low for m in members],
+            [m["error"].high - m["error"].mean for m in members],
+        ]
+        axis.errorbar(
+            [m["x"] for m in members], [m["error"].mean for m in members], yerr=errors, marker="o", capsize=3,
+            label=f"{name} {shape} (n>={seeds}{biased})",
+        )
+        values += [m["error"].mean for m in members]
+    _log_if_wide(axis, values, "y")
+    axis.set_xlabel(parameter)
+    axis.set_ylabel(ERROR_LABEL)
+    axis.set_title(f"final error against {parameter}\n(each learner's winner per task, 95% CI over seeds)", fontsize=10)
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    return _save(figure, out, f"along_{parameter}")

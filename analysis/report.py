@@ -69,8 +69,13 @@ def write_report(
     criterion: str = "final_error",
     resamples: int = RESAMPLES,
     seed: int = 0,
+    along: str | None = None,
 ) -> Report:
-    """Load `<root>/<sweep>`, write `out`/report.md and its figures (PNG and SVG); return the Report."""
+    """Load `<root>/<sweep>`, write `out`/report.md and its figures (PNG and SVG); return the Report.
+
+    along: a task parameter (e.g. "isi_range"): also tabulate and plot each learner's final error
+    against it, across the sweep's tasks.
+    """
     results = load(root, sweep)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,9 @@ def write_report(
             figures.append(plots.sensitivity([r for r in sensitivity if r["task"] == task], out, task))
         if any(p["task"] == task for p in front):
             figures.append(plots.frontier([p for p in front if p["task"] == task], out, task))
+    along_rows = tables.along(results, table, along) if along else []
+    if along_rows:
+        figures.append(plots.along(along_rows, out, along))
     biased = any(row["stage"] == "selection" for row in table)
     seeds = results.sql(
         "SELECT stage, list(DISTINCT seed ORDER BY seed) FROM runs GROUP BY stage ORDER BY stage"
@@ -134,6 +142,10 @@ def write_report(
         "",
         _markdown_table(paper_table),
         "",
+    ]
+    if along_rows:
+        lines += [f"## Final error against `{along}`", "", _along_table(along_rows, along), ""]
+    lines += [
         "## Figures",
         "",
     ]
@@ -145,6 +157,22 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return Report(path=path, figures=figures, table=table, text_table=tables.format_table(table), biased=biased)
+
+
+def _along_table(rows: list[dict], parameter: str) -> str:
+    """Markdown: one row per value of the parameter, one column per learner (mean [95% CI], seeds)."""
+    learners = sorted({(r["learner_name"], r["shape"]) for r in rows})
+    xs = sorted({r["x"] for r in rows})
+    cell = {(r["learner_name"], r["shape"], r["x"]): r for r in rows}
+    header = f"| {parameter} | " + " | ".join(f"{name} {shape}" for name, shape in learners) + " |"
+    lines = [header, "|" + "---|" * (len(learners) + 1)]
+    for x in xs:
+        cells = []
+        for name, shape in learners:
+            row = cell.get((name, shape, x))
+            cells.append(f"{row['error'].format()} (n={row['seeds']})" if row and row["error"].n else "-")
+        lines.append(f"| {x:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _selection_rule(criterion: str) -> str:

@@ -9,6 +9,7 @@ the winner's evaluation runs (fresh seeds); without them its numbers are selecti
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
@@ -185,6 +186,43 @@ def comparison(
                     else EMPTY
                 )
     return sorted(rows, key=lambda r: (r["task"], r["group"], math.inf if not r["error"].n else r["error"].mean))
+
+
+def task_parameter(results: Results, parameter: str) -> dict[str, float]:
+    """task -> the value of one of its parameters as a number (a [low, high] range: its midpoint).
+
+    Raises ValueError naming the tasks that lack it or where it is not a number or a range.
+    """
+    values, problems = {}, []
+    for task, params in results.sql("SELECT DISTINCT task, task_params FROM runs ORDER BY task").fetchall():
+        value = json.loads(params or "{}").get(parameter)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+            values[task] = (value[0] + value[1]) / 2
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            values[task] = float(value)
+        else:
+            problems.append(f"{task} ({parameter} = {value!r})")
+    if problems:
+        raise ValueError(
+            f"task parameter {parameter!r} is not a number or a [low, high] range in: {', '.join(problems)}"
+        )
+    return values
+
+
+def along(results: Results, table: list[dict], parameter: str) -> list[dict]:
+    """The comparison's winners against a task parameter (e.g. the ISI of trace patterning).
+
+    One row per learner (learner_name and shape) per task, sorted by learner then x: learner_name,
+    shape, task, x (the parameter's value; a range's midpoint), error (Interval over seeds), stage, seeds.
+    """
+    x_of = task_parameter(results, parameter)
+    rows = [
+        {key: row[key] for key in ("learner_name", "shape", "task", "error", "stage", "seeds")}
+        | {"x": x_of[row["task"]]}
+        for row in table
+        if row["task"] in x_of and row.get("stage")
+    ]
+    return sorted(rows, key=lambda r: (r["learner_name"], r["shape"], r["x"]))
 
 
 def frontier(table: list[dict]) -> list[dict]:

@@ -5,7 +5,7 @@
     ccn compare SPEC [--results DIR_OR_URI] [--metric msre_window]
     ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
     ccn run SPEC --stage evaluate            # each learner's winner on fresh seeds (docs/analysis.md)
-    ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc]
+    ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc] [--along PARAM]
     ccn cluster up --workers N [--cpus-per-node C]   # a local multi-node Ray (docs/cluster.md)
     ccn cluster down
     ccn submit SPEC --address http://HEAD:8265 --results URI [--wait]   # a Ray job (docs/cluster.md)
@@ -214,13 +214,18 @@ def _add_report(commands) -> None:
     report.add_argument("--sweep", metavar="NAME", help="the sweep to report (default: the only one in RESULTS)")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its figures")
     report.add_argument("--criterion", choices=("final_error", "auc"), default="final_error", help="selection rule")
+    report.add_argument(
+        "--along", metavar="PARAM", help="also plot final error against this task parameter (e.g. isi_range)"
+    )
 
 
 def _report(arguments) -> int:
     import analysis
 
     try:
-        report = analysis.write_report(arguments.results, arguments.out, arguments.sweep, criterion=arguments.criterion)
+        report = analysis.write_report(
+            arguments.results, arguments.out, arguments.sweep, criterion=arguments.criterion, along=arguments.along
+        )
     except ValueError as error:
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -36,10 +36,10 @@ def claim_core(lock_dir: str | None = None) -> int | None:
     XLA:CPU sizes its thread pool from the process's CPU affinity: an unpinned one-core actor
     runs ~1.8 threads busy on 2 cores for no gain (measured: 1.82 CPU-seconds per second, and
     13% slower than pinned), so actors on one machine crowd each other out. The claim is an
-    exclusive flock on `<lock_dir>/core-<i>.lock` (default /tmp/ccn-sweeps-cores), held for the life of the process (the kernel
-    drops it when the process dies, however it dies), so actors of different Ray nodes on one
-    machine pick different cores. Returns the core, or None when every core is claimed (then
-    nothing is pinned). Call before JAX starts its backend.
+    exclusive flock on `<lock_dir>/core-<i>.lock` (default /tmp/ccn-sweeps-cores), held for the
+    life of the process (the kernel drops it when the process dies, however it dies), so actors
+    of different Ray nodes on one machine pick different cores. Returns the core, or None when
+    every core is claimed (then nothing is pinned). Call before JAX starts its backend.
     """
     import fcntl
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +21,9 @@ LEARNERS = {
 BEST = {"columnar": 0.01, "tbptt": 0.001, "ccn": 0.01}
 
 
-def write_sweep(root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise=0.01, rng_seed=0) -> None:
+def write_sweep(
+    root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise=0.01, rng_seed=0, task="t", task_params=None
+) -> None:
     """Synthetic results in the documented layout: one runs and one metrics file per learner.
 
     diverge: (label, step_size, seed) triples whose run diverges at step 500.
@@ -29,12 +33,13 @@ def write_sweep(root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise
         runs, metrics = [], []
         for step_size, final in errors.items():
             for seed in seeds:
-                key = f"{sweep}-{label}-{step_size}-{seed}"
+                key = f"{sweep}-{task}-{label}-{step_size}-{seed}"
                 diverged = (label, step_size, seed) in diverge
                 runs.append(
                     {
                         "run_key": key, "sweep": sweep, "learner": kind, "learner_name": label, "shape": shape,
-                        "step_size": step_size, "lam": 0.9, "task": "t", "task_kind": "trace_patterning",
+                        "step_size": step_size, "lam": 0.9, "task": task, "task_kind": "trace_patterning",
+                        "task_params": json.dumps(task_params or {}),
                         "seed": seed, "steps": STEPS, "log_every": LOG_EVERY, "flops_per_step": flops,
                         "paper_ops_per_step": paper_ops, "status": "diverged" if diverged else "complete",
                         "diverged_at_step": 500 if diverged else None,
@@ -46,12 +51,12 @@ def write_sweep(root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise
                         break
                     metrics.append(
                         {
-                            "run_key": key, "learner": kind, "task": "t", "step": step,
+                            "run_key": key, "learner": kind, "task": task, "step": step,
                             "cumulative_flops": flops * step, "msre_window": end * (1 + (STEPS - step) / STEPS),
                         }
                     )  # fmt: skip
         for table, rows in (("runs", runs), ("metrics", metrics)):
-            folder = root / sweep / table / f"learner={kind}" / "task=t"
+            folder = root / sweep / table / f"learner={kind}" / f"task={task}"
             folder.mkdir(parents=True, exist_ok=True)
             pq.write_table(to_table(table, rows), folder / f"{label}.parquet")
 
@@ -185,3 +190,25 @@ def test_evaluation_seeds_follow_the_largest_selection_seed_and_must_be_positive
     spec.write_text(base.format(extra="evaluation_seeds = 0"))
     with pytest.raises(SpecError, match="evaluation_seeds"):
         load_spec(spec)
+
+
+def test_report_along_a_task_parameter_tabulates_and_plots_error_against_it(tmp_path):
+    # two ISIs: the longer one is harder for every learner (errors scaled by 2)
+    write_sweep(tmp_path, "isi", range(3), noise=0.0, task="isi-20", task_params={"isi_range": [16, 24], "gamma": 0.95})
+    harder = {
+        name: (kind, shape, flops, ops, {alpha: 2 * error for alpha, error in errors.items()})
+        for name, (kind, shape, flops, ops, errors) in LEARNERS.items()
+    }
+    write_sweep(tmp_path, "isi", range(3), noise=0.0, learners=harder, task="isi-40",
+                task_params={"isi_range": [32, 48], "gamma": 0.975})
+    report = write_report(str(tmp_path), tmp_path / "out", "isi", resamples=200, along="isi_range")
+    text = report.path.read_text()
+    assert "## Final error against `isi_range`" in text and "![along_isi_range](along_isi_range.png)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith(("| 20 ", "| 40 "))}
+    assert set(rows) == {"20", "40"}
+    assert "0.1 [0.1, 0.1] (n=3)" in rows["20"] and "0.2 [0.2, 0.2] (n=3)" in rows["40"]  # ccn's winner: 0.10, 0.20
+    assert (tmp_path / "out" / "along_isi_range.png").stat().st_size > 5_000
+    report = write_report(str(tmp_path), tmp_path / "out2", "isi", resamples=200, along="gamma")
+    assert "| 0.975 |" in report.path.read_text()
+    with pytest.raises(ValueError, match="task parameter 'iti_range' is not a number .* in: isi-20"):
+        write_report(str(tmp_path), tmp_path / "out3", "isi", resamples=200, along="iti_range")
