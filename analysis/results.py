@@ -1,4 +1,4 @@
-"""Load a sweep's Parquet results (docs/results.md) into DuckDB relations.
+"""Load a sweep's Parquet results (docs/results-schema.md) into DuckDB relations.
 
     from analysis import load
     results = load("results", "demo")          # a folder or a pyarrow filesystem URI

@@ -1,6 +1,6 @@
 """The results schema: the one place that knows the columns of the `runs` and `metrics` tables.
 
-Documented in docs/results.md (a test checks the two agree). Columns are only ever added;
+Documented in docs/results-schema.md (a test checks the two agree). Columns are only ever added;
 every addition bumps SCHEMA_VERSION. Every file of a sweep has exactly these columns (a column
 that does not apply to a learner, e.g. `hidden` for a CCN, is null), so readers need no
 schema merging. `learner` and `task` are also the hive partition keys of the file paths.

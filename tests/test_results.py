@@ -17,7 +17,7 @@ from orchestrator.results import ResultsStore
 from orchestrator.schema import METRICS_SCHEMA, RUNS_SCHEMA, to_table
 from orchestrator.spec import load_spec
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"
 
 SPEC = """
 name = "demo"
