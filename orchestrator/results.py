@@ -147,6 +147,13 @@ class ResultsStore:
             if info.base_name.endswith(".ckpt")
         )
 
+    def _relative(self, path: str, table: str) -> str:
+        """A file's path below the table's folder (`learner=.../task=.../<batch_key>.parquet`)."""
+        prefix = self.table_dir(table).rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise ValueError(f"{path} is not under {prefix}")
+        return path[len(prefix):]
+
     # -- reading --------------------------------------------------------------------------
     def _files(self, folder: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
@@ -200,10 +207,10 @@ class ResultsStore:
 
         Only safe while no other driver writes this sweep (one driver per sweep).
         """
-        runs = {info.path.split("/runs/", 1)[1] for info in self._files(self.table_dir("runs"))}
+        runs = {self._relative(info.path, "runs") for info in self._files(self.table_dir("runs"))}
         removed = 0
         for info in self._files(self.table_dir("metrics")):
-            if info.path.split("/metrics/", 1)[1] not in runs:
+            if self._relative(info.path, "metrics") not in runs:
                 self.filesystem.delete_file(info.path)
                 removed += 1
         complete = {path.rsplit("/", 1)[1][: -len(".parquet")] for path in runs}

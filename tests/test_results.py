@@ -114,8 +114,10 @@ def test_rewriting_a_batch_leaves_exactly_one_row_per_run(tmp_path, batches):
     assert metrics.num_rows == len(batches[0].runs) * 2
 
 
-def test_temporary_and_orphan_files_are_invisible_and_removed(tmp_path, batches):
-    store = ResultsStore(str(tmp_path / "results"), "demo")
+@pytest.mark.parametrize("root", ["results", "runs/results", "metrics/x/runs"])
+def test_temporary_and_orphan_files_are_invisible_and_removed(tmp_path, batches, root):
+    # a results root below a folder named `runs` or `metrics` once made every metrics file look orphaned
+    store = ResultsStore(str(tmp_path / root), "demo")
     write(store, batches[0])
     runs_path = Path(store.batch_path("runs", batches[0].learner, batches[0].task, batches[0].batch_key))
     (runs_path.parent / f".{runs_path.name}.abc.tmp").write_bytes(b"half a file")
