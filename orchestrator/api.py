@@ -254,6 +254,7 @@ class SweepStatus:
     failures: list[dict[str, Any]]  # failure records touching this spec's missing runs
     duplicates: list[str]  # run keys with more than one row (should always be empty)
     by_group: list[dict[str, Any]]  # per task and learner
+    batches_without_metrics: list[str] = dataclasses.field(default_factory=list)  # should always be empty
 
     @property
     def done(self) -> int:
@@ -277,6 +278,12 @@ class SweepStatus:
             )
         if self.duplicates:
             lines.append(f"  WARNING: {len(self.duplicates)} runs have more than one row (two drivers at once?)")
+        if self.batches_without_metrics:
+            lines.append(
+                f"  WARNING: {len(self.batches_without_metrics)} batches have a runs file but no metrics file "
+                f"(deleted outside ccn?); delete their runs files to rerun them: "
+                + ", ".join(key[:12] for key in self.batches_without_metrics)
+            )
         return "\n".join(lines)
 
 
@@ -322,6 +329,7 @@ def sweep_status(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS) -> Sw
         failures=[f for f in failures if spec_keys & (set(f["run_keys"]) - completed.keys())],
         duplicates=store.duplicate_run_keys(),
         by_group=list(groups.values()),
+        batches_without_metrics=store.batches_without_metrics(),
     )
 
 

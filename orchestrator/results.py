@@ -192,6 +192,12 @@ class ResultsStore:
         seen: set[str] = set()
         return sorted({k for k in keys if k in seen or seen.add(k)})
 
+    def batches_without_metrics(self) -> list[str]:
+        """Batch keys with a runs file but no metrics file (never written by ccn; always empty)."""
+        runs = {self._relative(info.path, "runs") for info in self._files(self.table_dir("runs"))}
+        metrics = {self._relative(info.path, "metrics") for info in self._files(self.table_dir("metrics"))}
+        return sorted(path.rsplit("/", 1)[1][: -len(".parquet")] for path in runs - metrics)
+
     def failures(self) -> list[dict[str, Any]]:
         """Failure records of batches that gave up (a later success deletes its record)."""
         records = []

@@ -132,6 +132,9 @@ def test_temporary_and_orphan_files_are_invisible_and_removed(tmp_path, batches,
     assert store.remove_orphans() == 2
     assert not Path(orphan).exists() and not list(runs_path.parent.glob(".*.tmp"))
     assert store.dataset("metrics").to_table().num_rows == len(batches[0].runs) * 2
+    assert store.batches_without_metrics() == []
+    Path(store.batch_path("metrics", batches[0].learner, batches[0].task, batches[0].batch_key)).unlink()
+    assert store.batches_without_metrics() == [batches[0].batch_key]  # `ccn status` warns about it
 
 
 def test_failure_records_are_superseded_by_a_later_success(tmp_path, batches):
