@@ -33,7 +33,7 @@ def learning_curves(curves: list[dict], out: Path, task: str, against: str = "st
     values = []
     for curve in curves:
         x = curve["steps"] if against == "steps" else curve["cumulative_flops"]
-        biased = ", biased" if curve["stage"] == "selection" else ""
+        biased = ", biased" if curve.get("biased", curve["stage"] == "selection") else ""
         label = f"{curve['learner_name']} {curve['shape']} (n={curve['seeds']}{biased})"
         (line,) = axis.plot(x, curve["mean"], label=label)
         axis.fill_between(x, curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
@@ -107,7 +107,7 @@ def along(rows: list[dict], out: Path, parameter: str) -> Path:
     values = []
     for (name, shape), members in sorted(lines.items()):
         members = [m for m in members if m["error"].n]
-        biased = ", biased" if any(m["stage"] == "selection" for m in members) else ""
+        biased = ", biased" if any(m["biased"] for m in members) else ""
         seeds = min((m["seeds"] for m in members), default=0)
         errors = [
             [m["error"].mean - m["error"].low for m in members],

@@ -53,7 +53,7 @@ def _gaps(results: Results, table: list[dict]) -> list[str]:
                 f"{row['task']} / {row['learner_name']} {row['shape']}: "
                 "no setting finished every seed without diverging."
             )
-        elif row["stage"] == "selection":
+        elif row["biased"]:
             gaps.append(
                 f"{row['task']} / {row['learner_name']} {row['shape']}: no evaluation runs for the winner; "
                 "its numbers are selection-biased."
@@ -97,7 +97,7 @@ def write_report(
     along_rows = tables.along(results, table, along) if along else []
     if along_rows:
         figures.append(plots.along(along_rows, out, along))
-    biased = any(row["stage"] == "selection" for row in table)
+    biased = any(row["biased"] for row in table)
     seeds = results.sql(
         "SELECT stage, list(DISTINCT seed ORDER BY seed) FROM runs GROUP BY stage ORDER BY stage"
     ).fetchall()
@@ -116,7 +116,7 @@ def write_report(
     lines += ["", "Winning settings (full hyperparameters):", ""]
     lines += [f"- {r['task']} / {r['learner_name']} {r['shape']}: `{r['config']}`" for r in table if r["config"]]
     lines += ["", "## Selection rule", "", _selection_rule(criterion), ""]
-    if not results.has_evaluation:
+    if not results.has_evaluation and biased:
         lines += [
             "**No evaluation stage: the numbers below are selection-biased** (each winner also won by the",
             "luck of its seeds). Run `ccn run SPEC --stage evaluate` for unbiased numbers on fresh seeds.",

@@ -132,8 +132,9 @@ def comparison(
     """The compute-matched table: each learner's winner, evaluated on fresh seeds where possible.
 
     Rows (sorted by task, compute group, error): task, learner_name, shape, config, stage
-    ('evaluation', or 'selection' = biased), flops_per_step, paper_ops_per_step, group (compute group
-    index within the task: per-step compute within `tolerance` of the group's cheapest, by `group_by`),
+    ('evaluation' or 'selection'), biased (selection numbers of a learner that had several settings),
+    flops_per_step, paper_ops_per_step, group (compute group index within the task: per-step
+    compute within `tolerance` of the group's cheapest, by `group_by`),
     error (Interval over seeds of the final error), versus_best (Interval of error minus the group's
     best learner's, paired by seed), budget_flops and at_budget (error at equal total compute: the
     cheapest learner's total FLOPs), seeds, diverged.
@@ -142,7 +143,8 @@ def comparison(
     for winner in select(results, criterion):
         if winner["config"] is None:
             rows.append(
-                {**winner, "stage": None, "error": EMPTY, "values": {}, "diverged": None, "paper_ops_per_step": None}
+                {**winner, "stage": None, "biased": False, "error": EMPTY, "values": {}, "diverged": None,
+                 "paper_ops_per_step": None}
             )
             continue
         stage = "selection"
@@ -155,6 +157,8 @@ def comparison(
             {
                 **winner,
                 "stage": stage,
+                # a learner with one setting was not selected: its selection seeds are unbiased
+                "biased": stage == "selection" and winner["candidates"] > 1,
                 "values": data["values"],
                 "seeds": len(data["values"]),
                 "diverged": data["diverged"],
@@ -217,7 +221,7 @@ def along(results: Results, table: list[dict], parameter: str) -> list[dict]:
     """
     x_of = task_parameter(results, parameter)
     rows = [
-        {key: row[key] for key in ("learner_name", "shape", "task", "error", "stage", "seeds")}
+        {key: row[key] for key in ("learner_name", "shape", "task", "error", "stage", "biased", "seeds")}
         | {"x": x_of[row["task"]]}
         for row in table
         if row["task"] in x_of and row.get("stage")
@@ -298,6 +302,7 @@ def curves(results: Results, table: list[dict], resamples: int = RESAMPLES, seed
                 "learner_name": row["learner_name"],
                 "shape": row["shape"],
                 "stage": row["stage"],
+                "biased": row["biased"],
                 "steps": np.array([p[0] for p in full[0]]),
                 "cumulative_flops": np.array([p[1] for p in full[0]], dtype=np.float64),
                 "mean": mean,
@@ -322,6 +327,8 @@ def format_table(table: list[dict]) -> str:
 
 def _cells(row: dict) -> list[str]:
     stage = {"evaluation": "evaluation", "selection": "selection (biased)", None: "-"}[row["stage"]]
+    if row["stage"] == "selection" and not row.get("biased", True):
+        stage = "single setting (unbiased)"
     versus: Interval = row.get("versus_best", EMPTY)
     return [
         row["task"],
