@@ -11,6 +11,7 @@ recorded as failed. Ctrl-C stops the actors; what was written stays written.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import time
@@ -161,6 +162,9 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     # Ray runs worker processes at niceness 15 by default; a local sweep is the user's foreground
     # work, so its actors run at normal priority unless $RAY_worker_niceness says otherwise.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray 2.60 turns token authentication on for a new local cluster and says so on stderr; the
+    # embedded Ray keeps it on, without the line in the middle of the sweep's output
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
