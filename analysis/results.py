@@ -29,7 +29,7 @@ _NOT_SETTING = {
     "run_key", "sweep", "learner", "learner_name", "shape", "task", "task_kind", "task_params", "n_inputs",
     "seed", "steps", "log_every", "params", "learning_params", "flops_per_step", "paper_ops_per_step", "status",
     "diverged_at_step", "batch_key", "batch_size", "wall_seconds", "attempt", "host", "device",
-    "package_version", "schema_version", "finished_at",
+    "package_version", "schema_version", "finished_at", "node", "resumed_from_step",
     # shape fields: already in `shape`
     "total_columns", "columns_per_stage", "steps_per_stage", "truncation", "hidden",
 }  # fmt: skip

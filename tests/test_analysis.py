@@ -212,3 +212,13 @@ def test_report_along_a_task_parameter_tabulates_and_plots_error_against_it(tmp_
     assert "| 0.975 |" in report.path.read_text()
     with pytest.raises(ValueError, match="task parameter 'iti_range' is not a number .* in: isi-20"):
         write_report(str(tmp_path), tmp_path / "out3", "isi", resamples=200, along="iti_range")
+
+
+def test_every_runs_column_is_either_bookkeeping_or_a_learner_setting():
+    # a column added to the runs schema must not silently become part of `config` (splitting seeds)
+    from analysis.results import _NOT_SETTING
+    from orchestrator.schema import LEARNER_SETTING_COLUMNS, RUNS_SCHEMA
+
+    shape_fields = {"total_columns", "columns_per_stage", "steps_per_stage", "truncation", "hidden"}
+    settings = set(LEARNER_SETTING_COLUMNS) - shape_fields
+    assert set(RUNS_SCHEMA.names) - _NOT_SETTING == settings
