@@ -62,6 +62,10 @@ def measured_rates(results: str, sweeps: list[str]) -> dict[tuple, dict]:
     return {key: {**value, "rate": value["learner_steps"] / value["seconds"]} for key, value in rates.items()}
 
 
+def _hours(hours: float) -> str:
+    return f"{hours:,.1f}" if hours < 10 else f"{hours:,.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.spec import load_spec
 
@@ -97,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             hours = steps[key] / rates[key]["rate"] / 3600
             total += hours
-            print(f"| {label(key)} | {counts[key]:,} | {steps[key] / 1e9:,.2f}G | {hours:,.0f} |")
-        print(f"| **total** | {len(sweep.runs):,} | {sum(steps.values()) / 1e9:,.1f}G | **{total:,.0f}** |")
+            print(f"| {label(key)} | {counts[key]:,} | {steps[key] / 1e9:,.2f}G | {_hours(hours)} |")
+        print(f"| **total** | {len(sweep.runs):,} | {sum(steps.values()) / 1e9:,.1f}G | **{_hours(total)}** |")
         if missing:
             print(f"\nnot measured (not in the total): {', '.join(missing)}")
     return 0
