@@ -30,7 +30,6 @@ import os
 import secrets
 import shlex
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
 
+from orchestrator.schedule import unreachable
 from orchestrator.spec import load_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -168,14 +168,12 @@ def connect(address: str, timeout: float = 5.0):
         host, port = None, None
     if parsed.scheme not in ("http", "https") or not host:
         raise SubmitError(f"the Jobs API address {address!r} must look like http://HOST:PORT (the dashboard's)")
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as error:
+    problem = unreachable(host, port, timeout)
+    if problem:
         raise SubmitError(
-            f"cannot reach the Ray Jobs API at {address!r}: {error.strerror or error}. Is the cluster up with its "
+            f"cannot reach the Ray Jobs API at {address!r}: {problem}. Is the cluster up with its "
             "dashboard on, and is this the dashboard's address (http://HEAD:8265, not the GCS port)?"
-        ) from None
+        )
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -37,6 +37,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_execution_options(parser: argparse.ArgumentParser, wandb_help: str) -> None:
+    """--batch-size, --max-attempts and --wandb, shared by `ccn run` and `ccn submit`."""
+    parser.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
+    parser.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
+    parser.add_argument("--wandb", choices=api.WANDB_MODES, default=None, help=wandb_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccn", description="Run compute-matched sweeps of online learners on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,14 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", "run every run of SPEC that the results do not hold yet")
     run.add_argument("--address", metavar="ADDR", help="attach to this Ray cluster (default: start a local one)")
-    run.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
     run.add_argument("--workers", type=_positive_int, metavar="N", help="local CPU workers (default: all cores)")
-    run.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
-    run.add_argument(
-        "--wandb",
-        choices=api.WANDB_MODES,
-        default=None,
-        help="W&B tracking (default: $WANDB_MODE if set, else online with $WANDB_API_KEY, else offline)",
+    _add_execution_options(
+        run, "W&B tracking (default: $WANDB_MODE if set, else online with $WANDB_API_KEY, else offline)"
     )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument(
@@ -99,13 +101,8 @@ def _add_submit(commands) -> None:
         metavar="URI_OR_ABS_PATH",
         help="results root as the cluster sees it: s3://bucket/prefix or an absolute shared path",
     )
-    submit.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
-    submit.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
-    submit.add_argument(
-        "--wandb",
-        choices=api.WANDB_MODES,
-        default=None,
-        help="W&B mode on the cluster (default: the cluster's; $WANDB_MODE here is forwarded, $WANDB_API_KEY never)",
+    _add_execution_options(
+        submit, "W&B mode on the cluster (default: the cluster's; $WANDB_MODE here is forwarded, $WANDB_API_KEY never)"
     )
     submit.add_argument("--stage", choices=api.STAGES, default="select", help="select (default) or evaluate")
     submit.add_argument(

@@ -134,14 +134,21 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     host, port = parsed.hostname, parsed.port
     if not host or not port:
         raise ClusterError(f"Ray address {address!r} must look like HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:PORT")
+    problem = unreachable(host, port, timeout)
+    if problem:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r}: {problem}. "
+            "Is it running (ray start --head) and is the address right?"
+        )
+
+
+def unreachable(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Why host:port does not accept a TCP connection (None when it does)."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            pass
+            return None
     except OSError as error:
-        raise ClusterError(
-            f"cannot reach the Ray cluster at {address!r}: {error.strerror or error}. "
-            "Is it running (ray start --head) and is the address right?"
-        ) from None
+        return str(error.strerror or error)
 
 
 def connect(address: str | None, num_cpus: int | None) -> bool:
