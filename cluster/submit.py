@@ -13,8 +13,10 @@ packages to the job's runtime environment.
 - The spec is validated here first (the same one-line errors as `ccn run`), before any contact
   with the cluster.
 - A spec inside the project root travels at its own relative path (so paths in it that are
-  relative to the spec stay right). A spec elsewhere is copied into the upload, to
-  `.ccn-submit/<submission id>/<file name>`, for the time of the upload only.
+  relative to the spec stay right). A spec elsewhere, or one the upload leaves out (an excluded
+  folder, or ignored by git: Ray's packaging honours .gitignore), is copied into the upload, to
+  `.ccn-submit/<submission id>/<file name>`, for the time of the upload only (that folder must
+  not be git-ignored, or the copy would be left out too).
 - The results must be somewhere every node can write: a URI (s3://bucket/prefix, gs://...) or an
   absolute path on a shared file system (or, on a one-machine cluster, any absolute path).
 - Environment: WANDB_MODE, WANDB_PROJECT and WANDB_ENTITY are forwarded when set. WANDB_API_KEY
@@ -30,6 +32,7 @@ import os
 import secrets
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -110,8 +113,20 @@ def check_results(results: str) -> None:
     )
 
 
-def _excluded(relative: Path) -> bool:
-    return any(fnmatch.fnmatch(part, name) for part in relative.parts[:-1] for name in EXCLUDED_NAMES)
+def _excluded(relative: Path, root: Path) -> bool:
+    """Whether the upload leaves out this file: an excluded folder on its path, or git ignores it
+    (the Jobs API's packaging honours .gitignore files)."""
+    if any(fnmatch.fnmatch(part, name) for part in relative.parts[:-1] for name in EXCLUDED_NAMES):
+        return True
+    try:
+        ignored = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "--quiet", "--no-index", relative.as_posix()],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False  # no git here: only the excluded folders apply
+    return ignored.returncode == 0
 
 
 def _spec_in_upload(spec: Path, root: Path, submission_id: str) -> tuple[str, Path | None]:
@@ -119,7 +134,7 @@ def _spec_in_upload(spec: Path, root: Path, submission_id: str) -> tuple[str, Pa
     resolved = spec.resolve()
     with contextlib.suppress(ValueError):
         relative = resolved.relative_to(root)
-        if not _excluded(relative):
+        if not _excluded(relative, root):
             return relative.as_posix(), None
     staged = root / STAGING / submission_id / resolved.name
     return staged.relative_to(root).as_posix(), staged

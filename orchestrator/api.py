@@ -98,10 +98,11 @@ class SweepReport:
     busiest_actor_compute_seconds: float = 0.0  # executor time (compile + chunks) of the busiest actor
     node_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray node id -> batches finished
     resumed_batches: int = 0  # batches that continued from a checkpoint
+    stopped: str | None = None  # why the sweep stopped with runs left (its actors cannot start)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        return not self.failed and not self.interrupted and not self.stopped
 
 
 def run_sweep(
@@ -203,6 +204,7 @@ def run_sweep(
         busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
         node_batches=dict(outcome.node_batches),
         resumed_batches=outcome.resumed_batches,
+        stopped=outcome.stopped,
     )
 
 

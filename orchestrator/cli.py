@@ -283,6 +283,8 @@ def _run(arguments) -> int:
     )
     for failure in report.failures:
         print(f"  failed batch {failure['batch_key'][:12]} ({len(failure['run_keys'])} runs): {failure['error']}")
+    if report.stopped:
+        print(f"ccn: the sweep stopped: {report.stopped}; rerun the same command once that is fixed", file=sys.stderr)
     if report.interrupted:
         print("ccn: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -13,7 +13,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from orchestrator.progress import Progress
 from orchestrator.results import ResultsStore
 
 WAIT_SECONDS = 0.5  # how often the progress line refreshes while batches run
+MAX_FAILED_STARTS = 3  # replacement actors per wanted actor that may die in a row before the sweep stops
 CPU_ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"  # one core per CPU actor
 
 
@@ -120,6 +123,7 @@ class SweepOutcome:
     actor_compute_seconds: dict = field(default_factory=dict)  # (host, pid) -> executor seconds
     node_batches: dict = field(default_factory=dict)  # Ray node id -> batches it finished
     resumed_batches: int = 0  # batches that continued from a checkpoint
+    stopped: str | None = None  # why the sweep stopped with batches left (actors cannot start), for people
 
     @property
     def runs_failed(self) -> int:
@@ -152,11 +156,27 @@ def unreachable(host: str, port: int, timeout: float = 5.0) -> str | None:
 
 
 def connect(address: str | None, num_cpus: int | None) -> bool:
-    """Attach to `address` or start an embedded local Ray; returns whether we started it."""
+    """Attach to `address` or start an embedded local Ray; returns whether we started it.
+
+    The caller's own SIGTERM handler survives (ray.init replaces it with sys.exit; `ccn run`
+    handles SIGTERM as Ctrl-C).
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        return _connect(address, num_cpus)
+    finally:
+        if callable(on_sigterm):
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    import ray
+
     if address:
         check_address(address)
         if address != "auto":  # Ray lets a (possibly stale) $RAY_ADDRESS override an explicit address
@@ -253,6 +273,7 @@ def run_batches(
     checkpoint_every: int = 0,
     progress: Progress | None = None,
     on_batch_done=None,
+    worker_class: type = None,
 ) -> SweepOutcome:
     """Run `batches` on the actors of the connected Ray cluster (ray.init done).
 
@@ -260,11 +281,15 @@ def run_batches(
     cluster with GPU and CPU-only nodes, CPU actors run the planned batches and each GPU actor
     takes several batches of one signature at a time, merged up to GPU_MAX_BATCH runs.
     An actor lost with its process or node is replaced once the cluster has room (a new actor
-    must answer before it gets work); its batch goes back to the queue for any live actor.
+    must answer before it gets work); its batch goes back to the queue for any live actor. When
+    replacements keep dying before they answer (MAX_FAILED_STARTS per actor in a row, nothing
+    finishing in between), no more are started; the live actors drain the queue, and when none
+    is left the sweep stops with `outcome.stopped` saying why (instead of starting actors forever).
     checkpoint_every: steps between a batch's checkpoints (0: none); a retried batch resumes
     from its last checkpoint.
     on_batch_done(batch): called in the driver after a batch's results are written (must return
     at once, e.g. orchestrator.tracking.Tracker.batch_done).
+    worker_class: the actor body (default BatchWorker).
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -277,7 +302,7 @@ def run_batches(
     outcome = SweepOutcome(workers=workers.cpu + workers.gpu)
     started = time.perf_counter()
     store = ResultsStore(results_root, sweep)
-    remote_worker = ray.remote(BatchWorker)
+    remote_worker = ray.remote(worker_class or BatchWorker)
     base: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_concurrency": 1}
     cpu_options = {**base, "runtime_env": {"env_vars": {"XLA_FLAGS": CPU_ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}}}
     gpu_options = {**base, "num_gpus": 1}
@@ -307,6 +332,9 @@ def run_batches(
     lost: list[str] = []  # kinds of actors lost, to replace when the cluster has room
     joining: dict[Any, Any] = {}  # ping ref -> replacement actor not yet known to be placed
     in_flight: dict[Any, tuple[Any, Batch, int]] = {}
+    failed_starts = 0  # replacement actors in a row that died before answering
+    last_start_error = ""
+    start_limit = MAX_FAILED_STARTS * max(1, len(wanted))
 
     def next_for(actor) -> tuple[Batch, int]:
         chosen = None
@@ -327,7 +355,13 @@ def run_batches(
 
     try:
         while queue or in_flight:
-            if lost and (not compiled or room_for(lost[0])):
+            if failed_starts >= start_limit and not compiled and not joining:  # no live actor, none can start
+                outcome.stopped = (
+                    f"{failed_starts} actors in a row died before they could take a batch, so the cluster "
+                    f"cannot run this sweep's actors; the last one: {last_start_error}"
+                )
+                break
+            if lost and failed_starts < start_limit and (not compiled or room_for(lost[0])):
                 actor = new_actor(lost.pop(0))
                 joining[actor.ready.remote()] = actor
             while idle and queue:
@@ -336,7 +370,12 @@ def run_batches(
                 in_flight[actor.run_batch.remote(batch, attempt)] = (actor, batch, attempt)
                 if progress:
                     progress.started(batch)
-            ready, _ = ray.wait(list(in_flight) + list(joining), num_returns=1, timeout=WAIT_SECONDS)
+            waiting = list(in_flight) + list(joining)
+            if waiting:
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_SECONDS)
+            else:  # every actor lost and no room for a replacement yet: wait for the cluster to grow
+                ready = []
+                time.sleep(WAIT_SECONDS)
             if progress:
                 progress.refresh()
             for ref in ready:
@@ -344,9 +383,12 @@ def run_batches(
                     actor = joining.pop(ref)
                     try:
                         ray.get(ref, timeout=0)
-                    except (RayActorError, GetTimeoutError):
+                    except (RayActorError, GetTimeoutError) as error:
                         lost.append("gpu" if actor in gpu_actors else "cpu")
+                        failed_starts += 1
+                        last_start_error = _error_text(error)
                         continue
+                    failed_starts = 0
                     compiled[actor] = set()
                     idle.append(actor)
                     continue
@@ -375,6 +417,7 @@ def run_batches(
                     continue
                 idle.append(actor)
                 compiled[actor].add(batch.signature)
+                failed_starts = 0
                 outcome.batches_done += 1
                 outcome.runs_done += summary["runs"]
                 outcome.runs_diverged += summary["diverged"]

@@ -1,7 +1,15 @@
 """Shared test fixtures."""
 
+import os
+
 import jax
 import pytest
+
+# Every in-process Ray of this suite (embedded sweeps, ray.cluster_utils clusters) runs without
+# token authentication. Ray 2.60 fixes a process's mode at its first ray.init (a new local cluster
+# turns tokens on), so a later in-process cluster started in the other mode rejects the driver's
+# calls and destroys its actors. Subprocess tests choose their own mode (test_cluster_local.ccn_env).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture

@@ -4,8 +4,11 @@ W&B key never travels; and the cloud / Kubernetes cluster definitions are well-f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import yaml
 from test_cluster_local import ccn, ccn_env  # the `ccn` subprocess helpers
 
-from cluster import local
+from cluster import local, submit
 from orchestrator.results import ResultsStore
 from orchestrator.spec import load_spec
 
@@ -78,6 +81,59 @@ def test_submit_runs_the_sweep_on_the_cluster_and_writes_every_run(cluster):
     assert len(expected) == 2
     assert set(ResultsStore(str(results), "submit-tiny").completed_runs()) == expected
     assert not (CLUSTER.parent / ".ccn-submit").exists()  # the staged copy is gone after the upload
+
+
+def packaged(root: Path) -> set[str]:
+    """The files Ray's Jobs API would upload from `root` with the runtime_env `ccn submit` builds."""
+    import zipfile
+
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = get_runtime_env_default_excludes() + submit.build_runtime_env(root)["excludes"]
+    target = root.parent / f"{root.name}-package.zip"
+    create_package(str(root), target, include_gitignore=True, excludes=excludes)
+    try:
+        with zipfile.ZipFile(target) as package:
+            return set(package.namelist())
+    finally:
+        target.unlink()
+
+
+def test_the_spec_is_in_the_upload_wherever_it_lives(tmp_path):
+    """Inside the project, in a git-ignored or excluded folder, or elsewhere: the job can read it."""
+    root = tmp_path / "project"
+    for folder in ("sweeps", "scratch", "results"):
+        (root / folder).mkdir(parents=True)
+    (root / ".gitignore").write_text("scratch/\nresults/\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    specs = {
+        "inside": write(root / "sweeps" / "a.toml", TINY),
+        "git-ignored": write(root / "scratch" / "b.toml", TINY),
+        "excluded": write(root / "results" / "c.toml", TINY),
+        "outside": write(tmp_path / "d.toml", TINY),
+    }
+    for where, spec in specs.items():
+        in_upload, staged = submit._spec_in_upload(spec, root, f"id-{where}")
+        assert (staged is None) == (where == "inside"), where
+        if staged is not None:
+            staged.parent.mkdir(parents=True)
+            staged.write_text(spec.read_text())
+        assert in_upload in packaged(root), f"the {where} spec would not reach the job"
+    assert submit._spec_in_upload(specs["inside"], root, "x")[0] == "sweeps/a.toml"  # relative paths stay right
+
+
+def test_this_projects_staging_folder_is_uploaded(tmp_path):
+    """The real project's .gitignore must not hide the staged copy (it did once: the job found no spec)."""
+    in_upload, staged = submit._spec_in_upload(write(tmp_path / "tiny.toml", TINY), CLUSTER.parent, "pytest-staging")
+    staged.parent.mkdir(parents=True)
+    try:
+        staged.write_text(TINY)
+        assert in_upload in packaged(CLUSTER.parent)
+    finally:
+        shutil.rmtree(staged.parent)
+        with contextlib.suppress(OSError):
+            staged.parent.parent.rmdir()
 
 
 def test_a_bad_spec_fails_with_its_error_line_before_contacting_the_cluster(tmp_path):

@@ -208,3 +208,26 @@ def test_cli_status_and_compare_read_the_results(ray_cluster, tmp_path, capsys):
     assert cli.main(["compare", str(spec), "--results", results]) == 0
     table = capsys.readouterr().out
     assert "4:2:500" in table and "3:3:inf" in table and "step_size=0.01" in table
+
+
+def test_actors_that_cannot_start_stop_the_sweep_with_the_reason(ray_cluster, tmp_path):
+    """Actors that die before taking a batch (a node without the project, a broken driver) are not
+    replaced forever: after a bounded number of failed starts the sweep stops and says why."""
+    from orchestrator import schedule
+
+    class Unstartable(schedule.BatchWorker):  # defined here: Ray ships it by value, its base by name
+        def __init__(self, *arguments):
+            raise RuntimeError("this node cannot import jaxlib")
+
+    spec = write_spec(tmp_path, SPEC)
+    batches = [Batch(sweep="ray-test", runs=(run,), padded_size=1) for run in load_spec(spec).runs[:4]]
+    results = tmp_path / "results"
+    outcome = schedule.run_batches(
+        batches, str(results), "ray-test", workers=2, accelerator="cpu", max_attempts=3,
+        compilation_cache_dir=None, worker_class=Unstartable,
+    )  # fmt: skip
+    assert outcome.stopped and "RuntimeError: this node cannot import jaxlib" in outcome.stopped
+    started = int(outcome.stopped.split(" actors in a row died")[0])  # bounded: the limit, plus those joining
+    assert schedule.MAX_FAILED_STARTS * 2 <= started <= schedule.MAX_FAILED_STARTS * 2 + 2
+    assert outcome.runs_done == 0 and not outcome.interrupted
+    assert not ResultsStore(str(results), "ray-test").completed_runs()  # nothing half-written
