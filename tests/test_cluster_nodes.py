@@ -81,7 +81,7 @@ def test_batches_spread_over_nodes_and_a_lost_node_loses_and_duplicates_nothing(
     lost_id = lost.node_id
     cluster.remove_node(lost, allow_graceful=False)
     added = cluster.add_node(num_cpus=1)  # the autoscaler's replacement machine
-    driver.join(timeout=600)
+    driver.join(timeout=240)
     assert not driver.is_alive(), "the sweep did not finish after a node was lost"
 
     report = outcome["report"]
