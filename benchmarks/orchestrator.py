@@ -33,6 +33,7 @@ from pathlib import Path
 # This file is named like the package it measures: keep its own folder off the import path.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
+from cluster.loopback import keep_loopback  # noqa: E402
 from orchestrator.schedule import CPU_ACTOR_XLA_FLAGS  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", CPU_ACTOR_XLA_FLAGS)  # measure in-process compute as the actors run it
@@ -135,7 +136,14 @@ def main() -> None:
 
         started = time.perf_counter()
         os.environ.setdefault("RAY_worker_niceness", "0")  # actors at the same priority as this process
-        ray.init(num_cpus=arguments.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        keep_loopback()  # 127.0.0.1 only, like the embedded `ccn run`
+        ray.init(
+            address="local",
+            num_cpus=arguments.workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         ray_start = time.perf_counter() - started
 
         plan = api.plan_sweep(spec, str(folder / "results"), workers=arguments.workers)

@@ -5,8 +5,9 @@
     ccn run SPEC --address <state.address>
     down()                                       # stops exactly the processes `up` started
 
-Each node is one `ray start --block` process in its own session (process group); everything Ray
-starts for the node (GCS, raylet, agents, workers) descends from it. The head declares 0 CPUs,
+Each node is one `ray start --block` process (through `cluster.loopback`, so that it registers and
+listens on 127.0.0.1 only) in its own session (process group); everything Ray starts for the node
+(GCS, raylet, agents, workers) descends from it. The head declares 0 CPUs,
 so a sweep's actors run on the worker nodes, each with `cpus_per_node` CPUs and a resource
 `ccn_node_<i>` naming it. The head runs Ray's dashboard (and with it the Jobs API that `ccn
 submit` talks to) on http://127.0.0.1:<free port>; every node's dashboard agent gets a free port
@@ -31,6 +32,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cluster.loopback import LOOPBACK_ENV
 
 HOST = "127.0.0.1"
 STATE_ENV = "CCN_CLUSTER_STATE"
@@ -87,11 +90,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ray_executable() -> str:
-    candidate = Path(sys.executable).parent / "ray"
-    return str(candidate) if candidate.exists() else "ray"
-
-
 def _stat(pid: int) -> tuple[int, float, str] | None:
     """(parent pid, start time in clock ticks since boot, state) from /proc, or None when gone."""
     try:
@@ -134,7 +132,7 @@ def _alive(pid: int, started: float) -> bool:
 def _start_node(arguments: list[str], log: Path, env: dict) -> subprocess.Popen:
     with open(log, "ab") as handle:
         return subprocess.Popen(
-            [_ray_executable(), "start", "--block", *arguments],
+            [sys.executable, "-m", "cluster.loopback", "start", "--block", *arguments],  # `ray start` on 127.0.0.1
             stdout=handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -186,7 +184,7 @@ def _wait_for_nodes(address: str, count: int, nodes: list[tuple[subprocess.Popen
             text=True,
             timeout=timeout,
             check=False,
-            env={key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
+            env={**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}, **LOOPBACK_ENV},
         )
         lines = result.stdout.strip().splitlines()
         if result.returncode == 0 and lines and lines[-1].isdigit() and int(lines[-1]) >= count:
@@ -216,7 +214,7 @@ def up(
     base.mkdir(parents=True, exist_ok=True)
     session = tempfile.mkdtemp(prefix="ccn-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # loopback only, for laptops and tests: no token authentication, so any local `ccn run --address` attaches
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)  # Ray lets $RAY_ADDRESS override an explicit address
     # a Ray job's entrypoint (`ccn submit`: `python -m orchestrator.cli run ...`) is a shell command
     # run with the nodes' environment: put this interpreter's bin folder first, so `python` is this one

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from cluster.loopback import address_is_loopback, keep_loopback
 from orchestrator.plan import Batch
 from orchestrator.progress import Progress
 from orchestrator.results import ResultsStore
@@ -181,6 +182,8 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
         check_address(address)
         if address != "auto":  # Ray lets a (possibly stale) $RAY_ADDRESS override an explicit address
             os.environ.pop("RAY_ADDRESS", None)
+        if address_is_loopback(address if address != "auto" else os.environ.get("RAY_ADDRESS")):
+            keep_loopback()  # else Ray turns 127.0.0.1 into the network address, where a loopback cluster is not
         try:
             ray.init(address=address, log_to_driver=False)
         except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for people
@@ -192,7 +195,9 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
     # Ray 2.60 turns token authentication on for a new local cluster and says so on stderr; the
     # embedded Ray keeps it on, without the line in the middle of the sweep's output
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    keep_loopback()  # registers and listens on 127.0.0.1 only, never on the machine's network address
     ray.init(
+        address="local",  # always a Ray of its own: never whatever `ray start` (or its stale pointer) left
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=False,

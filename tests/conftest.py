@@ -5,6 +5,12 @@ import os
 import jax
 import pytest
 
+from cluster.loopback import keep_loopback
+
+# Every Ray this suite starts (embedded sweeps, ray.cluster_utils clusters, `ccn` subprocesses that
+# inherit this environment) registers and listens on 127.0.0.1 only: never on the network address.
+keep_loopback()
+
 # Every in-process Ray of this suite (embedded sweeps, ray.cluster_utils clusters) runs without
 # token authentication. Ray 2.60 fixes a process's mode at its first ray.init (a new local cluster
 # turns tokens on), so a later in-process cluster started in the other mode rejects the driver's

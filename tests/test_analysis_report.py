@@ -45,7 +45,7 @@ def sweep(tmp_path_factory):
     spec = folder / "sweep.toml"
     spec.write_text(SPEC)
     results = str(folder / "results")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with pytest.raises(ValueError, match="selection runs are not done"):
             api.evaluation_sweep(spec, results)

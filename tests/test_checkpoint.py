@@ -182,7 +182,7 @@ def local_ray(tmp_path_factory):
     import ray
 
     os.environ["CCN_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
     os.environ.pop("CCN_JAX_CACHE_DIR", None)

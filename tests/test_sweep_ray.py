@@ -67,7 +67,7 @@ def ray_cluster(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("jax_cache")
     os.environ["CCN_JAX_CACHE_DIR"] = str(cache)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
     os.environ.pop("CCN_JAX_CACHE_DIR", None)
