@@ -22,7 +22,7 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(BIN)/ccn run sweeps/demo.toml --results results
 	$(BIN)/ccn run sweeps/demo.toml --results results --stage evaluate
-	$(BIN)/ccn report results --sweep demo --out results/demo-report
+	$(BIN)/ccn report results --spec sweeps/demo.toml --out results/demo-report
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/learners.py

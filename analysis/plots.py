@@ -1,4 +1,10 @@
-"""Figures of a report (matplotlib, Agg backend): each saved as PNG and SVG; returns the PNG paths."""
+"""Figures of a report (matplotlib, Agg backend): each saved as PNG and SVG; returns the PNG paths.
+
+Every figure of a task draws its reference levels (analysis.references: the error of predicting 0
+and of predicting the mean return) as labelled horizontal lines, and every legend entry names the
+learner's shape. keep: a dict that receives each Figure by name, left open (tests inspect them);
+without it the figure is closed once saved.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 ERROR_LABEL = "final msre_window (squared return error)"
 
 
-def _save(figure, out: Path, name: str) -> Path:
+PREDICT_ZERO_STYLE = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}
+PREDICT_MEAN_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.5}
+PREDICT_ZERO_LABEL = "predict 0"
+PREDICT_MEAN_LABEL = "predict the mean return"
+
+
+def _save(figure, out: Path, name: str, keep: dict | None = None) -> Path:
     figure.tight_layout()
     for suffix in ("png", "svg"):
         figure.savefig(out / f"{name}.{suffix}", dpi=120)
-    plt.close(figure)
+    if keep is None:
+        plt.close(figure)
+    else:
+        keep[name] = figure
     return out / f"{name}.png"
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _reference_lines(axis, levels) -> list[float]:
+    """Horizontal lines at the task's predict-0 and predict-mean errors; returns the levels drawn."""
+    if levels is None or not levels.known:
+        return []
+    axis.axhline(levels.predict_zero, label=f"{PREDICT_ZERO_LABEL} ({_number(levels.predict_zero)})",
+                 **PREDICT_ZERO_STYLE)
+    axis.axhline(levels.predict_mean, label=f"{PREDICT_MEAN_LABEL} ({_number(levels.predict_mean)})",
+                 **PREDICT_MEAN_STYLE)
+    return [levels.predict_zero, levels.predict_mean]
 
 
 def _log_if_wide(axis, values, which: str) -> None:
@@ -27,8 +57,11 @@ def _log_if_wide(axis, values, which: str) -> None:
         getattr(axis, f"set_{which}scale")("log")
 
 
-def learning_curves(curves: list[dict], out: Path, task: str, against: str = "steps") -> Path:
-    """msre_window with its bootstrap band against steps or cumulative FLOPs, one line per learner."""
+def learning_curves(
+    curves: list[dict], out: Path, task: str, against: str = "steps", levels=None, keep: dict | None = None
+) -> Path:
+    """msre_window with its 95% t band (analysis.stats) against steps or cumulative FLOPs, one line per
+    learner, and the task's reference levels (analysis.references.TaskLevels)."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     values = []
     for curve in curves:
@@ -38,19 +71,21 @@ def learning_curves(curves: list[dict], out: Path, task: str, against: str = "st
         (line,) = axis.plot(x, curve["mean"], label=label)
         axis.fill_between(x, curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
         values += list(curve["mean"])
+    values += _reference_lines(axis, levels)
     axis.set_xlabel("steps" if against == "steps" else "cumulative compute (FLOPs)")
     if against != "steps":
         axis.set_xscale("log")
     _log_if_wide(axis, values, "y")
     axis.set_ylabel("msre_window (squared return error)")
-    axis.set_title(f"{task}: learning curves\n(mean over seeds, 95% bootstrap band)", fontsize=10)
+    axis.set_title(f"{task}: learning curves\n(mean over seeds, 95% Student t band)", fontsize=10)
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    return _save(figure, out, f"curves_{against}_{task}")
+    return _save(figure, out, f"curves_{against}_{task}", keep)
 
 
-def sensitivity(rows: list[dict], out: Path, task: str) -> Path:
-    """Mean selection error against step size per learner (best over the other hyperparameters)."""
+def sensitivity(rows: list[dict], out: Path, task: str, levels=None, keep: dict | None = None) -> Path:
+    """Mean selection error against step size per learner (best over the other hyperparameters), with
+    the task's reference levels."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     lines = defaultdict(list)
     for row in rows:
@@ -60,6 +95,7 @@ def sensitivity(rows: list[dict], out: Path, task: str) -> Path:
         finite = [(x, y) for x, y in sorted(points) if y != float("inf")]
         axis.plot([x for x, _ in finite], [y for _, y in finite], marker="o", label=f"{name} {shape}")
         values += [y for _, y in finite]
+    values += _reference_lines(axis, levels)
     axis.set_xscale("log")
     _log_if_wide(axis, values, "y")
     axis.set_xlabel("step size alpha (log scale)")
@@ -69,11 +105,12 @@ def sensitivity(rows: list[dict], out: Path, task: str) -> Path:
     )
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    return _save(figure, out, f"sensitivity_{task}")
+    return _save(figure, out, f"sensitivity_{task}", keep)
 
 
-def frontier(points: list[dict], out: Path, task: str) -> Path:
-    """Best error against FLOPs per step, one line per learner family, with CI error bars."""
+def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict | None = None) -> Path:
+    """Best error against FLOPs per step, one line per learner family with CI error bars; each point is
+    labelled with its shape (and the legend lists them), with the task's reference levels."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     families = defaultdict(list)
     for point in points:
@@ -86,20 +123,26 @@ def frontier(points: list[dict], out: Path, task: str) -> Path:
             [p["error"].mean - p["error"].low for p in members],
             [p["error"].high - p["error"].mean for p in members],
         ]
-        axis.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name)
+        shapes = ", ".join(p["shape"] for p in members)
+        axis.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=f"{name} {shapes}")
+        for index, p in enumerate(members):  # alternate above / below: neighbouring shapes stay legible
+            axis.annotate(p["shape"], (p["flops_per_step"], p["error"].mean), textcoords="offset points",
+                          xytext=(4, 5 if index % 2 == 0 else -11), fontsize=7)
         values += y
+    values += _reference_lines(axis, levels)
     axis.set_xscale("log")
     _log_if_wide(axis, values, "y")
     axis.set_xlabel("compute per step (FLOPs, log scale)")
     axis.set_ylabel(ERROR_LABEL)
-    axis.set_title(f"{task}: compute frontier\n(best error per FLOPs per step, 95% CI over seeds)", fontsize=10)
+    axis.set_title(f"{task}: compute frontier\n(best error per FLOPs per step, 95% t CI over seeds)", fontsize=10)
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    return _save(figure, out, f"frontier_{task}")
+    return _save(figure, out, f"frontier_{task}", keep)
 
 
-def along(rows: list[dict], out: Path, parameter: str) -> Path:
-    """Final error against a task parameter, one line per learner, with 95% CI error bars."""
+def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = None, keep: dict | None = None) -> Path:
+    """Final error against a task parameter, one line per learner, with 95% CI error bars, and each
+    task's reference levels (levels: task -> TaskLevels) as lines over the parameter."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     lines = defaultdict(list)
     for row in rows:
@@ -118,10 +161,20 @@ def along(rows: list[dict], out: Path, parameter: str) -> Path:
             label=f"{name} {shape} (n>={seeds}{biased})",
         )
         values += [m["error"].mean for m in members]
+    x_of_task = sorted({(r["x"], r["task"]) for r in rows})
+    known = [(x, levels[task]) for x, task in x_of_task if levels and task in levels and levels[task].known]
+    if known:
+        axis.plot([x for x, _ in known], [lv.predict_zero for _, lv in known], label=PREDICT_ZERO_LABEL,
+                  **PREDICT_ZERO_STYLE)
+        axis.plot([x for x, _ in known], [lv.predict_mean for _, lv in known], label=PREDICT_MEAN_LABEL,
+                  **PREDICT_MEAN_STYLE)
+        values += [lv.predict_zero for _, lv in known] + [lv.predict_mean for _, lv in known]
     _log_if_wide(axis, values, "y")
     axis.set_xlabel(parameter)
     axis.set_ylabel(ERROR_LABEL)
-    axis.set_title(f"final error against {parameter}\n(each learner's winner per task, 95% CI over seeds)", fontsize=10)
+    axis.set_title(
+        f"final error against {parameter}\n(each learner's winner per task, 95% t CI over seeds)", fontsize=10
+    )
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    return _save(figure, out, f"along_{parameter}")
+    return _save(figure, out, f"along_{parameter}", keep)

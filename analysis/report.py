@@ -6,8 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from analysis import plots, tables
+from analysis.references import describe, reference_levels
 from analysis.results import EVALUATION_SUFFIX, Results, load
-from analysis.stats import RESAMPLES
+from analysis.stats import DESCRIPTION
+from analysis.verdict import verdict
 
 
 @dataclasses.dataclass
@@ -19,19 +21,54 @@ class Report:
     table: list[dict]
     text_table: str
     biased: bool
+    notes: list[str] = dataclasses.field(default_factory=list)  # which runs were read (spec, several lengths)
+    levels: dict = dataclasses.field(default_factory=dict)  # task -> analysis.references.TaskLevels
+    verdict: str = ""  # per task: the best learner at equal compute, and who did not beat predicting the mean
+    figure_objects: dict = dataclasses.field(default_factory=dict)  # name -> open matplotlib Figure (keep_figures)
 
 
-def _markdown_table(table: list[dict]) -> str:
-    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "setting", "stage", "seeds",
-              "final error [95% CI]", "vs group best", "at equal total FLOPs"]  # fmt: skip
+def _markdown_table(table: list[dict], levels: dict) -> str:
+    """The table in markdown, in one number format, with each task's reference levels under it."""
+    header = tables.HEADER
+    decimals = tables.table_decimals(table, levels)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(tables._cells(row)) + " |" for row in table]
+    lines += ["| " + " | ".join(tables._cells(row, decimals, levels.get(row["task"]))) + " |" for row in table]
+    lines += [""] + _reference_notes(sorted({row["task"] for row in table}), levels, decimals)
     return "\n".join(lines)
 
 
+def _reference_notes(tasks: list[str], levels: dict, decimals: int) -> list[str]:
+    return [f"Reference levels, {describe(levels[task], lambda v: f'{v:.{decimals}f}')}." for task in tasks
+            if task in levels]
+
+
+def _run_notes(results: Results) -> list[str]:
+    """Which runs were read: rows of other spec versions left out, several run lengths present."""
+    notes = []
+    if results.excluded_runs:
+        notes.append(
+            f"{results.excluded_runs} runs in the sweep's folders are not runs of {results.spec} "
+            "(left from an earlier edit of the spec?) and were left out."
+        )
+    lengths = results.sql(  # one learner with runs of several lengths: results of several spec versions
+        """SELECT DISTINCT steps, log_every FROM runs WHERE (task, learner_name, shape) IN (
+               SELECT (task, learner_name, shape) FROM runs GROUP BY ALL HAVING count(DISTINCT (steps, log_every)) > 1
+           ) ORDER BY ALL"""
+    ).fetchall()
+    if lengths:
+        notes.append(
+            "learners have runs of several lengths ("
+            + "; ".join(f"steps={steps}, log_every={every}" for steps, every in lengths)
+            + "): each length is reported as its own learner, never averaged with another"
+            + ("" if results.spec else "; give the spec (ccn report --spec SPEC) to read only its runs")
+            + "."
+        )
+    return notes
+
+
 def _gaps(results: Results, table: list[dict]) -> list[str]:
-    """What is missing or suspicious: unfinished settings, in-flight runs, failures, missing evaluation."""
-    gaps = []
+    """What is missing or suspicious: runs left out, unfinished settings, in-flight runs, failures, no evaluation."""
+    gaps = _run_notes(results)
     settings = tables.settings(results)
     most = max((s["runs"] for s in settings), default=0)
     short = [s for s in settings if s["runs"] < most]
@@ -67,36 +104,48 @@ def write_report(
     sweep: str | None = None,
     *,
     criterion: str = "final_error",
-    resamples: int = RESAMPLES,
-    seed: int = 0,
     along: str | None = None,
+    spec=None,
+    keep_figures: bool = False,
+    levels: dict | None = None,
 ) -> Report:
     """Load `<root>/<sweep>`, write `out`/report.md and its figures (PNG and SVG); return the Report.
 
     along: a task parameter (e.g. "isi_range"): also tabulate and plot each learner's final error
-    against it, across the sweep's tasks.
+    against it, across the sweep's tasks. spec: a spec path (or Sweep): report exactly its runs
+    (analysis.load); sweep then defaults to the spec's. keep_figures: leave the matplotlib Figures
+    open in Report.figure_objects (for inspection); otherwise each is closed once saved. levels: the
+    tasks' reference levels (task -> analysis.references.TaskLevels); None computes them from the
+    tasks' streams (analysis.references.reference_levels).
     """
-    results = load(root, sweep)
+    results = load(root, sweep, spec=spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = tables.comparison(results, criterion, resamples=resamples, seed=seed)
-    paper_table = tables.comparison(results, criterion, group_by="paper_ops_per_step", resamples=resamples, seed=seed)
-    winners_curves = tables.curves(results, table, resamples=resamples, seed=seed)
+    table = tables.comparison(results, criterion)
+    paper_table = tables.comparison(results, criterion, group_by="paper_ops_per_step")
+    winners_curves = tables.curves(results, table)
     sensitivity = tables.sensitivity(results, criterion)
     front = tables.frontier(table)
+    along_rows = tables.along(results, table, along) if along else []  # a bad parameter fails before any figure
+    levels = reference_levels(results) if levels is None else levels
+    decimals = tables.table_decimals(table, levels)
+    kept: dict | None = {} if keep_figures else None
     figures = []
     for task in sorted({row["task"] for row in table}):
         task_curves = [c for c in winners_curves if c["task"] == task]
+        task_levels = levels.get(task)
         if task_curves:
-            figures.append(plots.learning_curves(task_curves, out, task, "steps"))
-            figures.append(plots.learning_curves(task_curves, out, task, "flops"))
+            figures.append(plots.learning_curves(task_curves, out, task, "steps", task_levels, kept))
+            figures.append(plots.learning_curves(task_curves, out, task, "flops", task_levels, kept))
         if any(r["task"] == task for r in sensitivity):
-            figures.append(plots.sensitivity([r for r in sensitivity if r["task"] == task], out, task))
+            figures.append(
+                plots.sensitivity([r for r in sensitivity if r["task"] == task], out, task, task_levels, kept)
+            )
         if any(p["task"] == task for p in front):
-            figures.append(plots.frontier([p for p in front if p["task"] == task], out, task))
-    along_rows = tables.along(results, table, along) if along else []
+            figures.append(plots.frontier([p for p in front if p["task"] == task], out, task, task_levels, kept))
     if along_rows:
-        figures.append(plots.along(along_rows, out, along))
+        figures.append(plots.along(along_rows, out, along, levels, kept))
+    the_verdict = verdict(table, levels, decimals)
     biased = any(row["biased"] for row in table)
     seeds = results.sql(
         "SELECT stage, list(DISTINCT seed ORDER BY seed) FROM runs GROUP BY stage ORDER BY stage"
@@ -109,6 +158,11 @@ def write_report(
         "",
         f"Results: `{results.root}` (selection runs in `{results.sweep}/`, evaluation runs in "
         f"`{results.sweep}{EVALUATION_SUFFIX}/`).",
+        "",
+        f"Runs read: exactly those of the spec `{results.spec}`"
+        + (f" ({results.excluded_runs} other runs in the folders left out)." if results.excluded_runs else ".")
+        if results.spec
+        else "Runs read: every run in the sweep's folders (no spec given).",
         "",
     ]
     lines += [f"- {stage}: {n} runs ({d} diverged)" for stage, n, d in counts]
@@ -129,22 +183,35 @@ def write_report(
         "",
         f"Learners are grouped by FLOPs per step (within {tables.COMPUTE_TOLERANCE:.0%} of a group's cheapest); equal",
         "per-step compute means equal total compute at equal steps. `final error`: msre_window at the last step, mean",
-        f"over seeds with a 95% percentile bootstrap interval ({resamples:,} resamples); `seeds`: the runs behind it.",
-        "`vs group best`: this learner's error minus the group's best, paired by seed where the seeds match.",
+        "over seeds with its 95% Student t interval (mean ± t(0.975, n-1)·sd/√n; none from one seed); `seeds`: the",
+        "runs behind it. `vs group best`: this learner's error minus the group's best, the t interval of the per-seed",
+        "differences (paired by seed; Welch's t interval where fewer than two seeds are shared).",
         f"`at equal total FLOPs`: msre_window at the last log point within the cheapest learner's total compute "
         f"({table[0]['budget_flops']:,} FLOPs)."
         if table and table[0].get("budget_flops")
         else "",
         "",
-        _markdown_table(table),
+        "`vs predict-mean`: the error against the task's predict-the-mean-return level (a constant's error; the ratio",
+        "in brackets): `below` when the whole 95% interval is below it, `not below` when the mean is not, `unclear`",
+        "when the interval reaches it.",
+        "",
+        _markdown_table(table, levels),
         "",
         "### Grouped by the paper's ops per step",
         "",
-        _markdown_table(paper_table),
+        _markdown_table(paper_table, levels),
         "",
     ]
     if along_rows:
-        lines += [f"## Final error against `{along}`", "", _along_table(along_rows, along), ""]
+        lines += [
+            f"## Final error against `{along}`",
+            "",
+            _along_table(along_rows, along, levels),
+            "",
+            DESCRIPTION + ".",
+            "",
+        ]
+    lines += ["## Verdict", "", "```", the_verdict, "```", ""]
     lines += [
         "## Figures",
         "",
@@ -156,21 +223,44 @@ def write_report(
     )
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    return Report(path=path, figures=figures, table=table, text_table=tables.format_table(table), biased=biased)
+    return Report(
+        path=path,
+        figures=figures,
+        table=table,
+        text_table=tables.format_table(table, levels),
+        biased=biased,
+        notes=_run_notes(results),
+        levels=levels,
+        verdict=the_verdict,
+        figure_objects=kept or {},
+    )
 
 
-def _along_table(rows: list[dict], parameter: str) -> str:
-    """Markdown: one row per value of the parameter, one column per learner (mean [95% CI], seeds)."""
+def _along_table(rows: list[dict], parameter: str, levels: dict) -> str:
+    """Markdown: one row per value of the parameter, one column per learner (mean [95% CI], seeds), and the
+    task's reference levels; one number format."""
     learners = sorted({(r["learner_name"], r["shape"]) for r in rows})
     xs = sorted({r["x"] for r in rows})
     cell = {(r["learner_name"], r["shape"], r["x"]): r for r in rows}
-    header = f"| {parameter} | " + " | ".join(f"{name} {shape}" for name, shape in learners) + " |"
-    lines = [header, "|" + "---|" * (len(learners) + 1)]
+    task_of = {r["x"]: r["task"] for r in rows}
+    decimals = tables.table_decimals(rows, {task: levels[task] for task in task_of.values() if task in levels})
+
+    def level(x, which: str) -> str:
+        value = getattr(levels.get(task_of[x]), which, None) if levels.get(task_of[x]) else None
+        return f"{value:.{decimals}f}" if value is not None else "-"
+
+    header = (
+        f"| {parameter} | predict 0 | predict mean | "
+        + " | ".join(f"{name} {shape}" for name, shape in learners)
+        + " |"
+    )
+    lines = [header, "|" + "---|" * (len(learners) + 3)]
     for x in xs:
-        cells = []
+        cells = [level(x, "predict_zero"), level(x, "predict_mean")]
         for name, shape in learners:
             row = cell.get((name, shape, x))
-            cells.append(f"{row['error'].format()} (n={row['seeds']})" if row and row["error"].n else "-")
+            scored = row and row["error"].n
+            cells.append(f"{row['error'].format(decimals=decimals)} (n={row['seeds']})" if scored else "-")
         lines.append(f"| {x:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,7 +271,8 @@ def _selection_rule(criterion: str) -> str:
         "auc": "area under the msre_window curve over steps (sum over log points x log_every)",
     }[criterion]
     return (
-        f"Per learner (task, kind, name and shape), each hyperparameter setting's {what} is averaged over the "
+        f"Per learner (task, kind, name, shape and run length: steps and log_every), each hyperparameter setting's "
+        f"{what} is averaged over the "
         "selection seeds; settings with a diverged or unfinished seed are not eligible; the lowest mean wins. "
         "The comparison reports the winners' evaluation runs (fresh seeds, disjoint from the selection seeds)."
     )

@@ -2,13 +2,16 @@
 
     from analysis import load
     results = load("results", "demo")          # a folder or a pyarrow filesystem URI
+    results = load("results", spec="sweeps/demo.toml")   # exactly that spec's runs (both stages)
     results.runs()                             # runs + `stage` + `config` (hyperparameters as text)
     results.curves()                           # runs joined with metrics: one row per run per log point
     results.summary()                          # one row per run: final_error, auc
 
-Reads only the Parquet files, never the orchestrator: results copied from any cluster work, and so
-does a sweep that is still running. Evaluation runs (`ccn run SPEC --stage evaluate`) live in the
-sibling sweep folder `<sweep>.evaluation`; they get `stage = 'evaluation'`, the others 'selection'.
+Reads only the Parquet files (every file with the current schema of orchestrator.schema, which also
+says which columns make a setting), never the orchestrator's state: results copied from any cluster
+work, and so does a sweep that is still running. Given a spec, it reads exactly that spec's runs.
+Evaluation runs (`ccn run SPEC --stage evaluate`) live in the sibling sweep folder
+`<sweep>.evaluation`; they get `stage = 'evaluation'`, the others 'selection'.
 """
 
 from __future__ import annotations
@@ -16,23 +19,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-EVALUATION_SUFFIX = ".evaluation"
+from orchestrator.schema import RUN_LENGTH_COLUMNS, SETTING_COLUMNS, TABLES
+from orchestrator.spec import EVALUATION_SUFFIX, is_safe_path_component
+
 STAGES = ("selection", "evaluation")
-# Runs columns that are not part of a learner's hyperparameter setting (everything else is).
-_NOT_SETTING = {
-    "run_key", "sweep", "learner", "learner_name", "shape", "task", "task_kind", "task_params", "n_inputs",
-    "seed", "steps", "log_every", "params", "learning_params", "flops_per_step", "paper_ops_per_step", "status",
-    "diverged_at_step", "batch_key", "batch_size", "wall_seconds", "attempt", "host", "device",
-    "package_version", "schema_version", "finished_at", "node", "resumed_from_step",
-    # shape fields: already in `shape`
-    "total_columns", "columns_per_stage", "steps_per_stage", "truncation", "hidden",
-}  # fmt: skip
+
+
+class NoRunsError(ValueError):
+    """The results hold no runs (of the spec, when one is given) for this sweep yet."""
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -41,12 +44,70 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(root)
 
 
-def _read_table(fs: pafs.FileSystem, path: str) -> pa.Table | None:
-    """Every committed Parquet file under `path` (hidden temporaries skipped), or None if none."""
+def _read_table(fs: pafs.FileSystem, path: str, table: str) -> pa.Table | None:
+    """Every committed Parquet file under `path` (hidden temporaries skipped) read with the current
+    schema of `table` (orchestrator.schema), or None if none.
+
+    Every file is read with that one schema, whatever its own version: a column an older file lacks
+    (e.g. `node` in a schema-1 file) is null in its rows, never dropped for the whole table.
+    """
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=None)
-    return dataset.to_table() if dataset.files else None
+    readable = [file for file in _parquet_files(fs, path) if _readable(fs, file)]
+    if not readable:
+        return None
+    return ds.dataset(readable, schema=TABLES[table], filesystem=fs, format="parquet").to_table()
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The committed Parquet files under `path` (hidden temporaries and set-aside files skipped)."""
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(
+        info.path
+        for info in infos
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".parquet")
+        and not info.base_name.startswith((".", "_"))
+    )
+
+
+def _readable(fs: pafs.FileSystem, file: str) -> bool:
+    """Whether a file's Parquet footer reads; an unreadable one (empty, truncated, garbage: a writer
+    killed on an object store) is skipped with one warning line, so a report never stops on it."""
+    try:
+        with fs.open_input_file(file) as handle:
+            pq.ParquetFile(handle).metadata  # noqa: B018 - reading the footer is the check
+    except (OSError, pa.ArrowInvalid) as error:
+        print(f"ccn: warning: skipped {file}: not a readable Parquet file ({error}); "
+              "`ccn status` on the sweep sets it aside and its batch reruns", file=sys.stderr)
+        return False
+    return True
+
+
+def spec_run_keys(spec) -> dict[str, frozenset[str]]:
+    """stage -> the run keys a spec (a path or an orchestrator Sweep) can have in the results.
+
+    selection: the spec's runs; evaluation: any of its settings on its evaluation seeds (the
+    evaluation stage runs the winners, a subset of these).
+    """
+    from orchestrator.spec import load_spec
+
+    sweep = load_spec(spec) if isinstance(spec, str | os.PathLike) else spec
+    settings = {}  # one run per setting (everything but the seed)
+    for run in sweep.runs:
+        settings.setdefault(repr(dataclasses.replace(run, seed=0, learner_name="")), run)
+    evaluation = {
+        dataclasses.replace(run, seed=seed).run_key for run in settings.values() for seed in sweep.evaluation_seed_list
+    }
+    return {"selection": frozenset(run.run_key for run in sweep.runs), "evaluation": frozenset(evaluation)}
+
+
+def _only(table: pa.Table | None, keys: frozenset[str] | None) -> tuple[pa.Table | None, int]:
+    """The rows of `table` whose run_key is in `keys` (all when keys is None), and how many were left out."""
+    if table is None or keys is None:
+        return table, 0
+    kept = table.filter(pc.is_in(table["run_key"], value_set=pa.array(sorted(keys), pa.string())))
+    return kept, table.num_rows - kept.num_rows
 
 
 def list_sweeps(root: str) -> list[str]:
@@ -72,10 +133,12 @@ class Results:
     root: str
     sweep: str
     connection: duckdb.DuckDBPyConnection
-    setting_columns: tuple[str, ...]  # hyperparameter columns that make up `config`
+    setting_columns: tuple[str, ...]  # the columns that make up `config` (schema.SETTING_COLUMNS)
     has_evaluation: bool
     in_progress_runs: int  # metric rows without a runs row: runs of a batch being written
     failures: list[dict]  # failed batches (failures/*.json) of both stages
+    spec: str | None = None  # the spec whose runs were read (None: every run in the sweep's folders)
+    excluded_runs: int = 0  # runs rows in the folders that are not the spec's (an earlier edit of it)
 
     def sql(self, query: str, params: dict | None = None) -> duckdb.DuckDBPyRelation:
         return self.connection.sql(query, params=params)
@@ -93,30 +156,62 @@ class Results:
         return self.sql("SELECT * FROM summary")
 
 
-def load(root: str, sweep: str | None = None) -> Results:
+def load(root: str, sweep: str | None = None, *, spec=None, run_keys=None) -> Results:
     """Read `<root>/<sweep>` (and `<root>/<sweep>.evaluation` if present) into DuckDB.
 
-    sweep: None picks the only sweep under root (an error lists them when there are several).
+    sweep: None picks the spec's sweep, or else the only sweep under root (an error lists them when
+    there are several). spec (a path or an orchestrator Sweep) or run_keys (an iterable): read
+    exactly those runs, leaving out rows of other runs in the same folders (e.g. left from an
+    earlier edit of the spec with other `steps`); their count is `excluded_runs`.
+    Raises NoRunsError (a ValueError) when there are no runs to read.
     """
     root = str(root)
+    allowed: dict[str, frozenset[str] | None] = dict.fromkeys(STAGES)
+    spec_name = None
+    if spec is not None and run_keys is not None:
+        raise ValueError("give load() a spec or run_keys, not both")
+    if spec is not None:
+        from orchestrator.spec import load_spec
+
+        spec = load_spec(spec) if isinstance(spec, str | os.PathLike) else spec
+        if sweep is not None and sweep != spec.name:
+            raise ValueError(f"{spec.path}: the spec's sweep is {spec.name!r}, not {sweep!r} (--sweep)")
+        sweep, spec_name = spec.name, str(spec.path or spec.name)
+        allowed = spec_run_keys(spec)
+    elif run_keys is not None:
+        allowed = dict.fromkeys(STAGES, frozenset(run_keys))
+        spec_name = f"{len(allowed['selection'])} given run keys"
     if sweep is None:
         sweeps = list_sweeps(root)
         if len(sweeps) != 1:
             found = ", ".join(sweeps) or "none"
             raise ValueError(f"{root}: name the sweep to report (--sweep NAME); sweeps found: {found}")
         sweep = sweeps[0]
+    if not is_safe_path_component(sweep) or sweep.endswith(EVALUATION_SUFFIX):
+        raise ValueError(
+            f"{sweep!r} is not a sweep name: one folder name under {root} (name the selection sweep; "
+            f"its {EVALUATION_SUFFIX!r} folder is read with it)"
+        )
     fs, base = _filesystem(root)
     connection = duckdb.connect()
     runs_parts, metrics_parts = [], []
     failures: list[dict] = []
+    excluded = 0
     for stage, folder in zip(STAGES, (sweep, sweep + EVALUATION_SUFFIX), strict=True):
-        runs_table = _read_table(fs, f"{base}/{folder}/runs")
-        metrics_table = _read_table(fs, f"{base}/{folder}/metrics")
-        failures += _read_failures(fs, f"{base}/{folder}/failures", stage)
-        if runs_table is None:
+        runs_table, left_out = _only(_read_table(fs, f"{base}/{folder}/runs", "runs"), allowed[stage])
+        metrics_table, _ = _only(_read_table(fs, f"{base}/{folder}/metrics", "metrics"), allowed[stage])
+        excluded += left_out
+        failures += [
+            f
+            for f in _read_failures(fs, f"{base}/{folder}/failures", stage)
+            if allowed[stage] is None or allowed[stage] & set(f.get("run_keys", []))
+        ]
+        if runs_table is None or runs_table.num_rows == 0:
             if stage == "selection":
-                raise ValueError(
-                    f"{root}/{sweep}: no runs yet (no Parquet files under runs/); "
+                of_spec = f" of {spec_name}" if spec_name else ""
+                of_spec += f" ({left_out} other runs are)" if left_out else ""
+                raise NoRunsError(
+                    f"{root}/{sweep}: no runs{of_spec} yet (no Parquet rows under runs/); "
                     f"sweeps found: {', '.join(list_sweeps(root)) or 'none'}"
                 )
             continue
@@ -125,8 +220,7 @@ def load(root: str, sweep: str | None = None) -> Results:
         if metrics_table is not None:
             connection.register(f"metrics_{stage}", metrics_table)
             metrics_parts.append(f"SELECT '{stage}' AS stage, * FROM metrics_{stage}")
-    columns = [c for c in connection.sql("SELECT * FROM runs_selection LIMIT 0").columns]
-    setting = tuple(c for c in columns if c not in _NOT_SETTING)
+    setting = SETTING_COLUMNS
     config = (
         "concat_ws(', ', "
         + ", ".join(f"CASE WHEN {c} IS NOT NULL THEN '{c}=' || CAST({c} AS VARCHAR) END" for c in setting)
@@ -138,12 +232,11 @@ def load(root: str, sweep: str | None = None) -> Results:
     if metrics_parts:
         connection.execute(f"CREATE TABLE metrics AS {' UNION ALL BY NAME '.join(metrics_parts)}")
     else:
-        connection.execute(
-            "CREATE TABLE metrics (stage VARCHAR, run_key VARCHAR, step BIGINT, cumulative_flops BIGINT, "
-            "msre_window DOUBLE)"
-        )
+        connection.register("metrics_empty", TABLES["metrics"].empty_table())
+        connection.execute("CREATE TABLE metrics AS SELECT NULL::VARCHAR AS stage, * FROM metrics_empty LIMIT 0")
     identity = "r.stage, r.run_key, r.task, r.learner, r.learner_name, r.shape, r.config, r.seed, r.status, " \
-        "r.steps, r.log_every, r.flops_per_step, r.paper_ops_per_step"  # fmt: skip
+        "r.steps, r.log_every, r.flops_per_step, r.paper_ops_per_step, r.cost_source"  # fmt: skip
+    hyperparameters = ", ".join(f"r.{c}" for c in setting if c not in RUN_LENGTH_COLUMNS)
     connection.execute(
         f"""CREATE VIEW curves AS
         SELECT {identity}, m.step, m.cumulative_flops, m.msre_window
@@ -151,7 +244,7 @@ def load(root: str, sweep: str | None = None) -> Results:
     )
     connection.execute(
         f"""CREATE VIEW summary AS
-        SELECT {identity}, {", ".join(f"r.{c}" for c in setting)},
+        SELECT {identity}, {hyperparameters},
                CASE WHEN r.status = 'complete' AND f.last_step = r.steps THEN f.final_error END AS final_error,
                CASE WHEN r.status = 'complete' AND f.last_step = r.steps THEN f.msre_sum * r.log_every END AS auc
         FROM runs r LEFT JOIN (
@@ -171,6 +264,8 @@ def load(root: str, sweep: str | None = None) -> Results:
         has_evaluation=len(runs_parts) > 1,
         in_progress_runs=in_progress,
         failures=failures,
+        spec=spec_name,
+        excluded_runs=excluded,
     )
 
 

@@ -1,10 +1,13 @@
 """Selection, compute-matched comparison, frontier, sensitivity and learning curves of a sweep.
 
-Selection rule (`select`): a learner is a (task, learner kind, learner name, shape). For each of its
-hyperparameter settings (`config`), the criterion (final_error by default, or auc) is averaged over
-the selection seeds; a setting with a diverged or unfinished seed is not eligible. The eligible
-setting with the lowest mean wins (ties: the first config in text order). The comparison then uses
-the winner's evaluation runs (fresh seeds); without them its numbers are selection-biased.
+Selection rule (`select`, the one rule: `ccn compare`, `ccn report` and the evaluation stage use it):
+a learner is a (task, learner kind, learner name, shape, steps, log_every) (orchestrator.schema
+LEARNER_COLUMNS): runs of different lengths never compete. For each of its settings (`config`:
+the hyperparameters and the run length, schema SETTING_COLUMNS), the criterion (final_error by
+default, or auc) is averaged over the selection seeds; a setting with a diverged or unfinished seed
+is not eligible. The eligible setting with the lowest mean wins (ties: the first config in text
+order). The comparison then uses the winner's evaluation runs (fresh seeds); without them its
+numbers are selection-biased. Intervals: analysis.stats (Student t over seeds, paired by seed).
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from collections import defaultdict
 import numpy as np
 
 from analysis.results import Results
-from analysis.stats import EMPTY, RESAMPLES, Interval, bootstrap_ci, bootstrap_curve, bootstrap_difference
+from analysis.stats import (
+    DESCRIPTION,
+    EMPTY,
+    Interval,
+    curve_interval,
+    decimals_for,
+    difference_interval,
+    mean_interval,
+)
+from orchestrator.schema import LEARNER_COLUMNS
 
 CRITERIA = ("final_error", "auc")
-LEARNER = ("task", "learner", "learner_name", "shape")
+LEARNER = LEARNER_COLUMNS  # task, learner, learner_name, shape, steps, log_every
 COMPUTE_TOLERANCE = 0.15  # learners whose per-step compute is within 15% of a group's cheapest share it
 
 
@@ -35,13 +47,15 @@ def settings(results: Results, criterion: str = "final_error") -> list[dict]:
     return _rows(
         results.sql(
             f"""
-            SELECT task, learner, learner_name, shape, config, any_value(flops_per_step) AS flops_per_step,
+            SELECT task, learner, learner_name, shape, steps, log_every, config,
+                   any_value(flops_per_step) AS flops_per_step,
+                   any_value(cost_source) AS cost_source,
                    any_value(step_size) AS step_size,
                    count(*) AS runs, count({criterion}) AS seeds, avg({criterion}) AS mean,
                    count(*) FILTER (status = 'diverged') AS diverged,
                    list(seed ORDER BY seed) AS seed_list, list(run_key ORDER BY seed) AS run_keys
             FROM summary WHERE stage = 'selection'
-            GROUP BY ALL ORDER BY task, learner_name, shape, config
+            GROUP BY ALL ORDER BY task, learner_name, shape, steps, log_every, config
             """
         )
     )
@@ -50,7 +64,7 @@ def settings(results: Results, criterion: str = "final_error") -> list[dict]:
 def select(results: Results, criterion: str = "final_error") -> list[dict]:
     """The winning config of each learner by the selection rule (module docstring); one row each.
 
-    Rows: task, learner, learner_name, shape, flops_per_step, config (None: no eligible setting),
+    Rows: task, learner, learner_name, shape, steps, log_every, flops_per_step, config (None: no eligible setting),
     mean (selection criterion), seeds, seed_list, run_keys, candidates (settings tried).
     """
     by_learner: dict[tuple, list[dict]] = defaultdict(list)
@@ -66,6 +80,7 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
             {
                 **dict(zip(LEARNER, key, strict=True)),
                 "flops_per_step": rows[0]["flops_per_step"],
+                "cost_source": rows[0]["cost_source"],  # measured: XLA's count (a learner without an analytic cost)
                 "config": best["config"] if best else None,
                 "setting": ", ".join(f"{k}={v}" for k, v in _pairs(best["config"]).items() if k in varying)
                 if best
@@ -78,6 +93,13 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
                 "criterion": criterion,
             }
         )
+    lengths = defaultdict(set)  # several run lengths of one learner (results of several spec versions)
+    for winner in winners:
+        lengths[(winner["task"], winner["learner_name"], winner["shape"])].add((winner["steps"], winner["log_every"]))
+    for winner in winners:
+        if len(lengths[(winner["task"], winner["learner_name"], winner["shape"])]) > 1:
+            length = f"steps={winner['steps']}, log_every={winner['log_every']}"
+            winner["setting"] = length + (f", {winner['setting']}" if winner["setting"] else "")
     return winners
 
 
@@ -126,8 +148,6 @@ def comparison(
     *,
     group_by: str = "flops_per_step",
     tolerance: float = COMPUTE_TOLERANCE,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
 ) -> list[dict]:
     """The compute-matched table: each learner's winner, evaluated on fresh seeds where possible.
 
@@ -164,7 +184,7 @@ def comparison(
                 "diverged": data["diverged"],
                 "paper_ops_per_step": data["paper_ops_per_step"],
                 "total_flops": (data["flops_per_step"] or 0) * (data["steps"] or 0),
-                "error": bootstrap_ci(list(data["values"].values()), resamples, seed=seed),
+                "error": mean_interval(list(data["values"].values())),
             }
         )
     for task in sorted({r["task"] for r in rows}):
@@ -178,14 +198,14 @@ def comparison(
         for row in members:
             row["budget_flops"] = budget
             values = _budget_values(results, row["stage"], row, budget) if row["stage"] and budget else {}
-            row["at_budget"] = bootstrap_ci(list(values.values()), resamples, seed=seed)
+            row["at_budget"] = mean_interval(list(values.values()))
         for index in range(group + 1):
             grouped = [r for r in members if r["group"] == index]
             scored = [r for r in grouped if r["error"].n]
             best = min(scored, key=lambda r: r["error"].mean, default=None)
             for row in grouped:
                 row["versus_best"] = (
-                    bootstrap_difference(row["values"], best["values"], resamples, seed=seed)
+                    difference_interval(row["values"], best["values"])
                     if best is not None and row is not best and row["error"].n
                     else EMPTY
                 )
@@ -269,8 +289,8 @@ def sensitivity(results: Results, criterion: str = "final_error") -> list[dict]:
     return sorted(best.values(), key=lambda r: (r["task"], r["learner_name"], r["shape"], r["step_size"]))
 
 
-def curves(results: Results, table: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[dict]:
-    """Learning curves of each table row's runs: mean and bootstrap band of msre_window over seeds.
+def curves(results: Results, table: list[dict]) -> list[dict]:
+    """Learning curves of each table row's runs: mean and 95% t band (analysis.stats) of msre_window over seeds.
 
     Rows: task, learner_name, shape, stage, steps[points], cumulative_flops[points], mean, low, high
     (arrays over log points), seeds (complete runs with every log point).
@@ -295,7 +315,7 @@ def curves(results: Results, table: list[dict], resamples: int = RESAMPLES, seed
         if not full:
             continue
         values = np.array([[p[2] for p in v] for v in full])  # [seeds, points]
-        mean, low, high = bootstrap_curve(values, resamples, seed=seed)
+        mean, low, high = curve_interval(values)
         out.append(
             {
                 "task": row["task"],
@@ -314,35 +334,83 @@ def curves(results: Results, table: list[dict], resamples: int = RESAMPLES, seed
     return out
 
 
-def format_table(table: list[dict]) -> str:
-    """The compute-matched table as plain text (the terminal's main table)."""
-    header = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "setting", "stage", "seeds",
-              "final error [95% CI]", "vs group best", "at equal total FLOPs"]  # fmt: skip
-    body = [_cells(row) for row in table]
+HEADER = ["task", "group", "learner", "shape", "flops/step", "paper ops/step", "setting", "stage", "seeds",
+          "final error [95% t CI]", "vs predict-mean", "vs group best [paired t CI]",
+          "at equal total FLOPs [95% t CI]"]  # fmt: skip
+
+
+def table_decimals(table: list[dict], levels: dict | None = None) -> int:
+    """The one fixed-point format of a table's errors (analysis.stats.decimals_for over every error,
+    interval end and reference level in it)."""
+    values = [level for task_levels in (levels or {}).values() for level in _level_values(task_levels)]
+    for row in table:
+        for interval in (row["error"], row.get("at_budget", EMPTY)):
+            values += [interval.mean, interval.low, interval.high]
+    return decimals_for(values)
+
+
+def _level_values(task_levels) -> list[float]:
+    return [v for v in (task_levels.predict_zero, task_levels.predict_mean) if v is not None]
+
+
+def versus_mean_level(error: Interval, task_levels) -> str:
+    """Where an error stands against the task's predict-mean level: 'below (0.42x)' when its whole 95%
+    interval is below, 'not below (1.01x)' when its mean is not, 'unclear (0.97x)' when the interval
+    reaches the level (or there is no interval); '-' without levels or errors."""
+    if task_levels is None or not task_levels.known or not error.n or not np.isfinite(error.mean):
+        return "-"
+    ratio = f"({error.mean / task_levels.predict_mean:.2f}x)"
+    if error.mean >= task_levels.predict_mean:
+        return f"not below {ratio}"
+    if np.isfinite(error.high) and error.high < task_levels.predict_mean:
+        return f"below {ratio}"
+    return f"unclear {ratio}"
+
+
+def format_table(table: list[dict], levels: dict | None = None) -> str:
+    """The compute-matched table as plain text (the terminal's main table): one number format, each
+    task's reference levels (analysis.references) under it, and a line saying which intervals."""
+    if not table:
+        return "no results yet"
+    from analysis.references import describe
+
+    decimals = table_decimals(table, levels)
+    header = HEADER
+    body = [_cells(row, decimals, (levels or {}).get(row["task"])) for row in table]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    references = [
+        "reference levels: " + describe(levels[task], lambda v: f"{v:.{decimals}f}")
+        for task in sorted({row["task"] for row in table})
+        if levels and task in levels
+    ]
+    return "\n".join([*lines, "", *references, DESCRIPTION + "."])
 
 
-def _cells(row: dict) -> list[str]:
+def _cells(row: dict, decimals: int | None = None, task_levels=None) -> list[str]:
+    """One table row as text; decimals: the table's fixed-point format (None: 4 significant digits)."""
     stage = {"evaluation": "evaluation", "selection": "selection (biased)", None: "-"}[row["stage"]]
     if row["stage"] == "selection" and not row.get("biased", True):
         stage = "single setting (unbiased)"
     versus: Interval = row.get("versus_best", EMPTY)
+    at_budget: Interval = row.get("at_budget", EMPTY)
     return [
         row["task"],
         str(row.get("group", "-")),
         row["learner_name"],
         row["shape"],
-        f"{row['flops_per_step']:,}" if row["flops_per_step"] is not None else "-",
+        (f"{row['flops_per_step']:,}" + (" (measured)" if row.get("cost_source") == "measured" else ""))
+        if row["flops_per_step"] is not None else "-",
         f"{row['paper_ops_per_step']:,}" if row.get("paper_ops_per_step") is not None else "-",
         row.get("setting") or row["config"] or "no eligible setting",
         stage,
         str(row["error"].n) + (f" (+{row['diverged']} diverged)" if row.get("diverged") else ""),
-        row["error"].format(),
+        row["error"].format(decimals=decimals),
+        versus_mean_level(row["error"], task_levels),
         "best"
         if row["error"].n and not versus.n and row.get("group") is not None
-        else versus.format() + (f" (n={versus.n}{', paired' if versus.paired else ''})" if versus.n else ""),
-        row["at_budget"].format() + (f" (n={row['at_budget'].n})" if row["at_budget"].n else ""),
+        else versus.format(decimals=decimals, signed=True)
+        + (f" (n={versus.n}{', paired' if versus.paired else ''})" if versus.n else ""),
+        at_budget.format(decimals=decimals) + (f" (n={at_budget.n})" if at_budget.n else ""),
     ]

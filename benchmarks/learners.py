@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from environments.core import StreamStep  # noqa: E402
-from learners import ccn, runner, tbptt  # noqa: E402
+from learners import ccn, lru, rtu, runner, snap1, tbptt, uoro  # noqa: E402
 
 SHAPES = {
     "CCN 20:4 (12 in)": (ccn, ccn.Config(12, 20, 4, 1_000_000), ccn.Hyper(0.01, 0.99, 0.99999, 0.01)),
@@ -40,6 +40,12 @@ SHAPES = {
     "T-BPTT 10:5 (12 in)": (tbptt, tbptt.Config(12, 10, 5), tbptt.Hyper(1e-3, 0.99)),
     "T-BPTT 3:10 (12 in)": (tbptt, tbptt.Config(12, 3, 10), tbptt.Hyper(1e-3, 0.99)),
     "columnar 50 (100 in)": (ccn, ccn.Config(100, 50, 50, None), ccn.Hyper(0.01, 0.99, 0.99999, 0.01)),
+    # ALGORITHMS.md section 9 learners at the trace-patterning budget (CCN 20:4: 18,488 flops per step)
+    "RTU 27 (12 in)": (rtu, rtu.Config(12, 27), rtu.Hyper(1e-3, 0.99, 0.99999, 0.01)),
+    "RTU 27 tanh (12 in)": (rtu, rtu.Config(12, 27, "tanh"), rtu.Hyper(1e-3, 0.99, 0.99999, 0.01)),
+    "online LRU 27 (12 in)": (lru, lru.Config(12, 27), lru.Hyper(1e-3, 0.99, 0.99999, 0.01)),
+    "SnAp-1 8 (12 in)": (snap1, snap1.Config(12, 8), snap1.Hyper(1e-3, 0.99)),  # 17,938 flops per step
+    "UORO 9 (12 in)": (uoro, uoro.Config(12, 9), uoro.Hyper(1e-3, 0.99)),  # 19,802 flops per step
 }
 
 

@@ -163,7 +163,8 @@ def measure(
     try:
         clean_ray_env()
         started = time.perf_counter()
-        cluster = local.up(nodes, arguments.cpus_per_node, state=state, temp_dir=folder / f"ray-{nodes}")
+        # no token auth (auth=False): this process attaches in-process, in the mode of its first ray.init
+        cluster = local.up(nodes, arguments.cpus_per_node, state=state, temp_dir=folder / f"ray-{nodes}", auth=False)
         row["cluster_up"] = time.perf_counter() - started
         print(f"{nodes} node(s) up at {cluster.address} in {row['cluster_up']:.1f} s", flush=True)
 

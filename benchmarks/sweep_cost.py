@@ -20,46 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def shape_key(learner: str, config: dict, n_inputs: int) -> tuple:
-    if learner == "tbptt":
-        return (learner, config["truncation"], config["hidden"], n_inputs)
-    return (learner, config["total_columns"], config["columns_per_stage"], n_inputs)
-
-
-def label(key: tuple) -> str:
-    learner, a, b, d = key
-    return f"{learner} {a}:{b} (d={d})"
+from orchestrator import cost  # noqa: E402
+from orchestrator.cost import label, shape_key  # noqa: E402
 
 
 def measured_rates(results: str, sweeps: list[str]) -> dict[tuple, dict]:
-    import duckdb
-
+    """Per learner shape, the measured sweeps' throughput (orchestrator.cost, which `ccn plan` uses too)."""
     from orchestrator.results import ResultsStore
 
-    rates: dict[tuple, dict] = defaultdict(
-        lambda: {"learner_steps": 0, "seconds": 0.0, "batches": set(), "device": set()}
-    )
     for sweep in sweeps:
-        dataset = ResultsStore(results, sweep).dataset("runs")
-        if dataset is None:
+        if ResultsStore(results, sweep).dataset("runs") is None:
             raise SystemExit(f"sweep_cost: no results for sweep {sweep!r} under {results}")
-        runs_table = dataset.to_table()  # noqa: F841 - read by DuckDB below by its name
-        rows = duckdb.sql(
-            """SELECT learner, total_columns, columns_per_stage, truncation, hidden, n_inputs, batch_key,
-                      any_value(batch_size) AS runs, any_value(steps) AS steps,
-                      any_value(wall_seconds) AS seconds, any_value(device) AS device
-               FROM runs_table GROUP BY ALL"""
-        ).fetchall()
-        for learner, columns, per_stage, truncation, hidden, d, batch, runs, steps, seconds, device in rows:
-            config = {"total_columns": columns, "columns_per_stage": per_stage, "truncation": truncation,
-                      "hidden": hidden}
-            entry = rates[shape_key(learner, config, d)]
-            entry["learner_steps"] += runs * steps
-            entry["seconds"] += seconds
-            entry["batches"].add(batch)
-            entry["device"].add(device)
-    return {key: {**value, "rate": value["learner_steps"] / value["seconds"]} for key, value in rates.items()}
+    return cost.measured_rates(results, sweeps)
 
 
 def _hours(hours: float) -> str:

@@ -10,12 +10,21 @@ listens on 127.0.0.1 only) in its own session (process group); everything Ray st
 (GCS, raylet, agents, workers) descends from it. The head declares 0 CPUs,
 so a sweep's actors run on the worker nodes, each with `cpus_per_node` CPUs and a resource
 `ccn_node_<i>` naming it. The head runs Ray's dashboard (and with it the Jobs API that `ccn
-submit` talks to) on http://127.0.0.1:<free port>; every node's dashboard agent gets a free port
-of its own, so the cluster does not collide with another Ray on the machine. What was started
-(address, dashboard URL, each node's pid and process tree with start times) is saved in a JSON state file
-(default `.ccn/cluster.json`, or $CCN_CLUSTER_STATE), and `down` stops those processes only:
-other Ray instances on the machine are left alone, and a pid reused since is recognised by its
-start time.
+submit` talks to) on http://127.0.0.1:<free port>. Every port Ray would otherwise take at a fixed
+default (the GCS's 6379, the dashboard's 8265, the Ray client server's 10001, each node's dashboard
+agent's 52365) is a port found free when `up` starts, so the cluster does not collide with another
+Ray on the machine (Ray picks its other ports itself). What was started (address, dashboard URL,
+each node's pid and process tree with start times) is saved in a JSON state file (default
+`.ccn/cluster.json`, or $CCN_CLUSTER_STATE), and `down` stops those processes only: other Ray
+instances on the machine are left alone, and a pid reused since is recognised by its start time.
+
+Ray's token authentication is on (`auth=True`, the default): `up` writes a random token to a file
+of mode 0600 beside the state file (`.ccn/cluster.token`) and starts every node with
+RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH naming it, so only processes that can read the file (its
+owner's) can attach, submit jobs or use the dashboard. `ccn run --address` and `ccn submit` find the
+token of the recorded cluster they are given (`client_env`, `recorded_for`); other clients export
+RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<that file>. `up(auth=False)` (`ccn cluster up
+--no-auth`) is the explicit opt-out: RAY_AUTH_MODE=disabled, anyone on the machine can attach.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +74,13 @@ class LocalCluster:
     temp_dir: str  # Ray's session folder (removed by down)
     nodes: list[Node]
     dashboard: str = ""  # http://127.0.0.1:PORT: the dashboard and the Jobs API (`ccn submit --address`)
+    token_file: str = ""  # Ray's auth token (mode 0600); "" when the cluster runs without token auth
+
+    def auth_env(self) -> dict[str, str]:
+        """The environment a process needs to attach to this cluster (Ray's auth settings)."""
+        if self.token_file:
+            return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_file}
+        return {"RAY_AUTH_MODE": "disabled"}
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -82,6 +99,52 @@ class LocalCluster:
 
 def state_path(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get(STATE_ENV) or DEFAULT_STATE).absolute()
+
+
+def recorded_for(address: str, state: str | Path | None = None) -> LocalCluster | None:
+    """The recorded local cluster whose GCS address or dashboard URL this is, else None."""
+    try:
+        cluster = status(state)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if cluster is None:
+        return None
+    wanted = address.strip().rstrip("/").removeprefix("ray://")
+    bare = wanted.split("://", 1)[-1]
+    dashboard = cluster.dashboard.split("://", 1)[-1]
+    return cluster if bare in (cluster.address, dashboard) else None
+
+
+def client_env(address: str | None, state: str | Path | None = None) -> dict[str, str]:
+    """What `ccn run --address` / `ccn submit` add to their environment to attach to a recorded local
+    cluster (its auth mode and token file); {} for any other address."""
+    cluster = recorded_for(address, state) if address else None
+    return cluster.auth_env() if cluster is not None else {}
+
+
+def use_recorded_auth(address: str | None, state: str | Path | None = None) -> bool:
+    """Put the auth settings of the recorded local cluster at `address` into this process's
+    environment, before Ray starts here (Ray fixes a process's auth mode at its first ray.init).
+    An auth mode already chosen here is kept (only the token file is added when it is `token`).
+    Returns whether anything was set."""
+    wanted = client_env(address, state)
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if not wanted or (mode is not None and mode.lower() != wanted["RAY_AUTH_MODE"]):
+        return False
+    os.environ.update(wanted)
+    if "RAY_AUTH_TOKEN_PATH" in wanted:
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the cluster's token file
+    return True
+
+
+def _write_token(path: Path) -> None:
+    """A new random token in a file only its owner can read (a stale one is replaced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
 
 
 def _free_port() -> int:
@@ -166,7 +229,9 @@ def _wait_started(process: subprocess.Popen, log: Path, timeout: float) -> None:
     raise RuntimeError(f"a Ray node did not start within {timeout:.0f}s; see {log}")
 
 
-def _wait_for_nodes(address: str, count: int, nodes: list[tuple[subprocess.Popen, Path]], timeout: float) -> None:
+def _wait_for_nodes(
+    address: str, count: int, nodes: list[tuple[subprocess.Popen, Path]], timeout: float, auth: dict[str, str]
+) -> None:
     """Until `count` nodes are alive in the cluster (asked from a short-lived subprocess)."""
     probe = (
         "import ray, sys\n"
@@ -184,7 +249,11 @@ def _wait_for_nodes(address: str, count: int, nodes: list[tuple[subprocess.Popen
             text=True,
             timeout=timeout,
             check=False,
-            env={**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}, **LOOPBACK_ENV},
+            env={
+                **{key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")},
+                **LOOPBACK_ENV,
+                **auth,
+            },
         )
         lines = result.stdout.strip().splitlines()
         if result.returncode == 0 and lines and lines[-1].isdigit() and int(lines[-1]) >= count:
@@ -200,8 +269,12 @@ def up(
     state: str | Path | None = None,
     temp_dir: str | Path | None = None,
     timeout: float = START_TIMEOUT,
+    auth: bool = True,
 ) -> LocalCluster:
-    """Start a head (0 CPUs) and `workers` worker nodes on 127.0.0.1; save and return the state."""
+    """Start a head (0 CPUs) and `workers` worker nodes on 127.0.0.1; save and return the state.
+
+    auth: Ray's token authentication (a new token in a 0600 file beside the state file); False
+    turns it off (anyone on the machine can then attach)."""
     if workers < 1 or cpus_per_node < 1:
         raise ValueError("workers and cpus_per_node must be at least 1")
     path = state_path(state)
@@ -213,9 +286,16 @@ def up(
     base = Path(temp_dir or path.parent / "ray").absolute()  # the nodes' logs
     base.mkdir(parents=True, exist_ok=True)
     session = tempfile.mkdtemp(prefix="ccn-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # loopback only, for laptops and tests: no token authentication, so any local `ccn run --address` attaches
-    env = {**os.environ, **LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    token_file = path.with_suffix(".token") if auth else None
+    if token_file is not None:
+        _write_token(token_file)
+    recorded = LocalCluster(address, workers, cpus_per_node, session, [], dashboard, str(token_file or ""))
+    # loopback only; every node (and everything it starts: jobs, workers) in the cluster's auth mode
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED": "0", **recorded.auth_env()}
     env.pop("RAY_ADDRESS", None)  # Ray lets $RAY_ADDRESS override an explicit address
+    env.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the cluster's token file
+    if not auth:
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
     # a Ray job's entrypoint (`ccn submit`: `python -m orchestrator.cli run ...`) is a shell command
     # run with the nodes' environment: put this interpreter's bin folder first, so `python` is this one
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
@@ -237,6 +317,8 @@ def up(
                 "--dashboard-port",
                 str(dashboard_port),
                 "--dashboard-agent-listen-port",
+                str(_free_port()),
+                "--ray-client-server-port",  # Ray's default, 10001, would collide with another head
                 str(_free_port()),
                 "--temp-dir",
                 session,
@@ -281,15 +363,16 @@ def up(
                     if attempt == START_ATTEMPTS:
                         raise
             started.append(("worker", worker, log))
-        _wait_for_nodes(address, workers + 1, [(p, log) for _, p, log in started], timeout)
+        _wait_for_nodes(address, workers + 1, [(p, log) for _, p, log in started], timeout, recorded.auth_env())
     except BaseException:
         _stop([Node(role, process.pid, str(log), _tree(process.pid)) for role, process, log in started])
         shutil.rmtree(session, ignore_errors=True)
+        if token_file is not None:
+            token_file.unlink(missing_ok=True)
         raise
-    nodes = [Node(role, process.pid, str(log), _tree(process.pid)) for role, process, log in started]
-    cluster = LocalCluster(address, workers, cpus_per_node, session, nodes, dashboard)
-    cluster.save(path)
-    return cluster
+    recorded.nodes = [Node(role, process.pid, str(log), _tree(process.pid)) for role, process, log in started]
+    recorded.save(path)
+    return recorded
 
 
 def _stop(nodes: list[Node], timeout: float = 20.0) -> list[int]:
@@ -337,6 +420,8 @@ def down(state: str | Path | None = None) -> LocalCluster:
     if left:
         raise RuntimeError(f"processes {left} of the cluster at {cluster.address} would not stop")
     path.unlink()
+    if cluster.token_file:
+        Path(cluster.token_file).unlink(missing_ok=True)
     if Path(cluster.temp_dir).name.startswith("ccn-ray-"):
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return cluster

@@ -161,3 +161,54 @@ def make_gym_stream(
 
     return GymStream(gymnasium.make(env_id, **make_kwargs), policy, seed=seed, gamma=gamma,
                      max_buffered_steps=max_buffered_steps)
+
+
+# ---- a gymnasium task in a sweep spec: kind = "gym", env_id, policy, gamma, seed ------------------
+SPEC_DEFAULTS = {"policy": "random", "gamma": 0.99, "seed": 0}
+
+
+def prepare_spec_params(params: dict[str, Any], spec_dir: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A spec's gym task checked and its defaults filled in: (params, identity). ValueError for people.
+
+    env_id must be a registered gymnasium id; policy "random" (a spec cannot hold a callable); gamma in
+    [0, 1]; seed (the first reset's and the policy's) a non-negative integer. Every run of a batch
+    sees the same stream (like a recorded Atari stream): the run's seed seeds the learner only.
+    """
+    import gymnasium
+
+    params = {**SPEC_DEFAULTS, **params}
+    env_id = params.get("env_id")
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError("missing parameter 'env_id' (a gymnasium environment id such as 'CartPole-v1')")
+    try:
+        gymnasium.spec(env_id)
+    except gymnasium.error.Error as error:
+        raise ValueError(f"env_id {env_id!r} is not a registered gymnasium environment ({error})") from None
+    if params["policy"] != "random":
+        raise ValueError(f"policy must be 'random' in a spec (a callable policy needs make_gym_stream), "
+                         f"got {params['policy']!r}")
+    gamma = params["gamma"]
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    params["gamma"] = float(gamma)
+    seed = params["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return params, dict(params)
+
+
+def observation_size(params: dict[str, Any]) -> int:
+    """d of a checked gym task: the flattened size of its observation space (the env is made and closed)."""
+    import gymnasium
+
+    env = gymnasium.make(params["env_id"])
+    try:
+        return int(gymnasium.spaces.flatdim(env.observation_space))
+    finally:
+        env.close()
+
+
+def spec_stream(params: dict[str, Any]) -> GymStream:
+    """The stream of a checked gym task (its steps are generated as the learners consume them)."""
+    return make_gym_stream(params["env_id"], params.get("policy", "random"), seed=int(params.get("seed", 0)),
+                           gamma=float(params.get("gamma", 0.99)))

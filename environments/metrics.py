@@ -37,8 +37,6 @@ from environments.core import Reducer, StreamStep
 MAX_WINDOW_BLOCKS = 4096
 PAPER_WINDOW, PAPER_LOG_EVERY = 100_000, 50_000
 ATARI_WINDOW, ATARI_LOG_EVERY = 500_000, 50_000
-ANIMAL_TASKS = ("trace_patterning", "trace_conditioning", "noisy_patterning")
-EPISODIC_TASKS = ("atari", "gym")
 
 
 class RunningSum(NamedTuple):
@@ -165,16 +163,18 @@ def atari_msre_reducer(
 def make_reducer(
     task: str, *, window: int | None = None, log_every: int = 50_000, block_length: int | None = None
 ) -> Reducer:
-    """The error measures of a task by name: animal tasks -> paper measure (window 100,000);
-    "atari" / "gym" -> episodic measure (window 500,000). Metric names: msre_window, msre_interval
-    and, for episodic tasks, msre_episode."""
-    if task in ANIMAL_TASKS:
-        return paper_msre_reducer(PAPER_WINDOW if window is None else window, log_every,
-                                  block_length=block_length)
-    if task in EPISODIC_TASKS:
-        return atari_msre_reducer(ATARI_WINDOW if window is None else window, log_every,
-                                  block_length=block_length)
-    raise ValueError(f"make_reducer: unknown task {task!r}; allowed: {[*ANIMAL_TASKS, *EPISODIC_TASKS]}")
+    """The error measures of a task kind, as the task registry says (environments.task_kind): animal
+    tasks -> paper measure (window 100,000); episodic tasks ("atari", "gym") -> episodic measure
+    (window 500,000). Metric names: msre_window, msre_interval and, for episodic tasks, msre_episode."""
+    from environments import task_kind
+
+    try:
+        kind = task_kind(task)
+    except LookupError:
+        from environments import available_tasks
+
+        raise ValueError(f"make_reducer: unknown task {task!r}; allowed: {list(available_tasks())}") from None
+    return kind.reducer(window, log_every, block_length)
 
 
 def _check_positive(name: str, value: object) -> int:

@@ -19,6 +19,6 @@ _REGION_ANALYSIS = "--xla_cpu_copy_insertion_use_region_analysis"
 if _REGION_ANALYSIS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_REGION_ANALYSIS}=true").strip()
 
-from learners import ccn, common, compute, runner, tbptt  # noqa: E402
+from learners import ccn, common, compute, lru, rtu, runner, snap1, tbptt, uoro  # noqa: E402
 
-__all__ = ["ccn", "tbptt", "common", "compute", "runner"]
+__all__ = ["ccn", "tbptt", "rtu", "lru", "snap1", "uoro", "common", "compute", "runner"]

@@ -27,7 +27,7 @@ inputs per column, P = m + 2 packed parameters per gate):
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from learners import common
+from learners import common, registry
 from learners.compute import Cost
 
 GATES = ("i", "f", "g", "o")
@@ -75,18 +75,19 @@ class Config:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"ccn.Config.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("total_columns", "columns_per_stage", "steps_per_stage")
+
     @classmethod
     def from_shape(cls, shape: str, n_inputs: int, dtype: str = "float32") -> Config:
         """Parse the paper's "N:k:S" notation ("inf" allowed for S), e.g. "20:4:10000000"."""
-        parts = shape.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"CCN shape {shape!r} must look like 'total:per_stage:steps' (e.g. '20:4:50000')")
-        try:
-            total, per_stage = int(parts[0]), int(parts[1])
-            steps = None if parts[2].strip().lower() in ("inf", "none") else int(parts[2].replace("_", ""))
-        except ValueError:
-            raise ValueError(f"CCN shape {shape!r}: fields must be integers (the last may be 'inf')") from None
-        return cls(n_inputs, total, per_stage, steps, dtype)
+        fields = registry.parse_shape(shape, cls.SHAPE_FIELDS, "20:4:50000", infinite=("steps_per_stage",),
+                                      notation="total:per_stage:steps")
+        if fields["total_columns"] % fields["columns_per_stage"]:
+            raise ValueError(
+                f"{shape!r}: total_columns ({fields['total_columns']}) must be a multiple of "
+                f"columns_per_stage ({fields['columns_per_stage']})"
+            )
+        return cls(n_inputs, **fields, dtype=dtype)
 
     @property
     def shape(self) -> str:
@@ -113,12 +114,44 @@ class Config:
 
 
 class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap)."""
+    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap).
+
+    step_size: alpha of the columns (the head uses alpha / active columns); lam: TD(lambda) trace
+    decay; normalization_rate: EMA decay of the normalisers; std_cap: floor on their variance.
+    """
 
     step_size: float
-    lam: float
-    normalization_rate: float
-    std_cap: float
+    lam: float = 0.99
+    normalization_rate: float = 0.99999
+    std_cap: float = 0.01
+
+
+# --------------------------------------------------------------------------- the learner protocol (learners.registry)
+TITLE = "CCN"
+SHAPE_EXAMPLE = "20:4:50000"
+check_hyper = registry.checks(
+    {
+        "step_size": registry.positive,
+        "lam": registry.unit_interval,
+        "normalization_rate": registry.rate,
+        "std_cap": registry.non_negative,
+    }
+)
+
+
+def family(cfg: Config) -> str:
+    """The display name of a shape: columnar (N:N), constructive (N:1) or ccn."""
+    if cfg.columns_per_stage == cfg.total_columns:
+        return "columnar"
+    if cfg.columns_per_stage == 1:
+        return "constructive"
+    return "ccn"
+
+
+def candidate_shapes(n_inputs: int, max_columns: int = 128, **static) -> list[str]:
+    """Shapes to search when matching another learner's compute: columnar N:N:inf, N = 1..max_columns
+    (a stage length does not change the cost per step, so constructive shapes need one written)."""
+    return [f"{n}:{n}:inf" for n in range(1, max_columns + 1)]
 
 
 class LearningBlock(NamedTuple):

@@ -9,8 +9,9 @@ Two sources of steps (environments/core.py):
   * an array chunk, a StreamStep with a leading time axis [T, ...], shared by every run.
 
 Per step, the prediction either is returned ([T] per run) or goes to an on-device
-`Reducer` (a few numbers per run). A per-run `finite` flag records whether every prediction
-so far was finite, so a diverging run is detected without leaving the device.
+`Reducer` (a few numbers per run). Divergence is the reducer's business: the orchestrator's
+`guard_reducer` (orchestrator/execute.py) records a run's first non-finite prediction on the
+device; without a reducer the caller sees the predictions themselves.
 
 A learner is a module (or any object) with `init(cfg, hyper, key)` and
 `step(cfg, hyper, state, observation, cumulant, gamma) -> (state, prediction)`.
@@ -35,7 +36,6 @@ class Carry(NamedTuple):
     learner: Any  # the learner's State
     stream: Any  # the device stream's state (None for array chunks)
     reducer: Any  # the reducer's state (None without a reducer)
-    finite: jax.Array  # [] bool: every prediction so far was finite
 
 
 def _scan_body(learner, cfg, hyper, next_step, reducer: Reducer | None):
@@ -46,11 +46,10 @@ def _scan_body(learner, cfg, hyper, next_step, reducer: Reducer | None):
         state, prediction = learner.step(
             cfg, hyper, carry.learner, step_t.observation, step_t.cumulant, step_t.gamma
         )
-        finite = carry.finite & jnp.isfinite(prediction)
         if reducer is None:
-            return Carry(state, stream_state, None, finite), prediction
+            return Carry(state, stream_state, None), prediction
         reduced = reducer.update(carry.reducer, prediction, step_t)
-        return Carry(state, stream_state, reduced, finite), None
+        return Carry(state, stream_state, reduced), None
 
     return body
 
@@ -79,15 +78,17 @@ def init_carry(learner, cfg, hyper, learner_key, stream: DeviceStream | None = N
     """The carry of one run (vmap it over hyperparameters and keys for a batch)."""
     stream_state = None if stream is None else stream.init(stream_key)
     reducer_state = None if reducer is None else reducer.init()
-    return Carry(learner.init(cfg, hyper, learner_key), stream_state, reducer_state, jnp.array(True))
+    return Carry(learner.init(cfg, hyper, learner_key), stream_state, reducer_state)
 
 
 def batch_axes(carry: Carry) -> Carry:
     """vmap axes of a batch's carry: every leaf batched on axis 0 except the learner's step
-    counter `t`, which all runs of a batch share (they advance in lockstep). Keeping it
-    unbatched lets stage schedules and window fills index with a scalar (a slice, not a
-    per-run gather/scatter)."""
+    counter `t` (when its state has one), which all runs of a batch share (they advance in
+    lockstep). Keeping it unbatched lets stage schedules and window fills index with a scalar
+    (a slice, not a per-run gather/scatter)."""
     axes = jax.tree.map(lambda _: 0, carry)
+    if "t" not in getattr(axes.learner, "_fields", ()):
+        return axes
     return axes._replace(learner=axes.learner._replace(t=None))
 
 

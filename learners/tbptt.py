@@ -23,7 +23,7 @@ Shapes (d = n_inputs, H = hidden, k = truncation):
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from learners import common
+from learners import common, registry
 from learners.compute import Cost
 
 VARIANTS = ("recompute", "stale")
@@ -58,15 +58,13 @@ class Config:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"tbptt.Config.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("truncation", "hidden")
+    NOT_IN_SPEC: ClassVar[tuple[str, ...]] = ("unroll_window",)  # a benchmark switch, not a setting of a run
+
     @classmethod
     def from_shape(cls, shape: str, n_inputs: int, variant: str = "recompute", dtype: str = "float32") -> Config:
         """Parse the paper's "k:H" notation, e.g. "10:5" (truncation 10, 5 hidden units)."""
-        parts = shape.split(":")
-        try:
-            truncation, hidden = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"T-BPTT shape {shape!r} must look like 'truncation:hidden' (e.g. '10:5')") from None
-        return cls(n_inputs, truncation, hidden, variant, dtype)
+        return cls(n_inputs, **registry.parse_shape(shape, cls.SHAPE_FIELDS, "10:5"), variant=variant, dtype=dtype)
 
     @property
     def shape(self) -> str:
@@ -74,10 +72,22 @@ class Config:
 
 
 class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap)."""
+    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap): alpha and lambda."""
 
     step_size: float
-    lam: float
+    lam: float = 0.99
+
+
+# --------------------------------------------------------------------------- the learner protocol (learners.registry)
+TITLE = "T-BPTT"
+SHAPE_EXAMPLE = "10:5"
+check_hyper = registry.checks({"step_size": registry.positive, "lam": registry.unit_interval})
+
+
+def candidate_shapes(n_inputs: int, variant: str = "recompute", max_truncation: int = 64, max_hidden: int = 64,
+                     **static) -> list[str]:
+    """Shapes to search when matching another learner's compute: every k:H up to 64:64."""
+    return [f"{k}:{h}" for k in range(1, max_truncation + 1) for h in range(1, max_hidden + 1)]
 
 
 class Params(NamedTuple):
@@ -172,6 +182,23 @@ def _shift_in(buffer: jax.Array, newest: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- gradients of V(S_t)
+def cell_backward(gates: jax.Array, c: jax.Array, c_prev: jax.Array, grad_h: jax.Array, grad_c: jax.Array):
+    """Backward through one cell step: cotangents (grad_h, grad_c) of (h, c) -> (da [4H], dc [H]).
+
+    gates [4, H] (i, f, g, o) and c, c_prev [H] of that step; da is the cotangent of the gate
+    pre-activations (so dW = da x^T, dU = da h_prev^T, db = da, dh_prev = U^T da) and dc the
+    total cotangent of c (dc_prev = dc * f):
+        dc = grad_h * o * (1 - tanh(c)^2) + grad_c
+        da = (dc * g * i', dc * c_prev * f', dc * i * g', grad_h * tanh(c) * o')
+    """
+    i, f, g, o = gates
+    tanh_c = jnp.tanh(c)
+    dc = grad_h * o * (1 - tanh_c * tanh_c) + grad_c
+    da_i, da_f = dc * g * i * (1 - i), dc * c_prev * f * (1 - f)
+    da_g, da_o = dc * i * (1 - g * g), grad_h * tanh_c * o * (1 - o)
+    return jnp.concatenate([da_i, da_f, da_g, da_o]), dc
+
+
 def rerun_window(params: Params, window: RecomputeWindow, n_valid: jax.Array, unroll: bool = False):
     """Rerun the window from s_{t-k} with `params` (a scan over the k slots).
 
@@ -208,12 +235,10 @@ def backward(params: Params, acts: Activations, h_t: jax.Array, n_valid: jax.Arr
 
     def slot(carry, xs):
         grad_h, grad_c, grad_W, grad_U, grad_b = carry
-        (i, f, g, o), c, c_prev, h_prev, x, valid = xs
-        tanh_c = jnp.tanh(c)
-        dc = grad_h * o * (1 - tanh_c * tanh_c) + grad_c
-        da_i, da_f = dc * g * i * (1 - i), dc * c_prev * f * (1 - f)
-        da_g, da_o = dc * i * (1 - g * g), grad_h * tanh_c * o * (1 - o)
-        da = jnp.where(valid, jnp.concatenate([da_i, da_f, da_g, da_o]), 0.0)
+        gates, c, c_prev, h_prev, x, valid = xs
+        da, dc = cell_backward(gates, c, c_prev, grad_h, grad_c)
+        da = jnp.where(valid, da, 0.0)
+        f = gates[1]
         grad_W = grad_W + da[:, None] * x[None, :]
         grad_U = grad_U + da[:, None] * h_prev[None, :]
         return (params.U.T @ da, jnp.where(valid, dc * f, 0.0), grad_W, grad_U, grad_b + da), None
@@ -323,4 +348,4 @@ _BACKWARD_PER_UNIT = 32
 _LEARN_PER_PARAM = 13  # eligibility (2), delta * e (1), RMSProp statistics (4) and scaling (3), alpha * u + add (2)
 _FIXED = 10  # delta, gamma * lambda, step counters
 
-__all__ = ["Config", "Hyper", "Params", "State", "init", "step", "cost", "cell", "VARIANTS"]
+__all__ = ["Config", "Hyper", "Params", "State", "init", "step", "cost", "cell", "cell_backward", "VARIANTS"]

@@ -12,7 +12,6 @@ before that. The results alone say what is done: rerunning a sweep runs only wha
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,7 +40,7 @@ class SweepPlan:
     done: dict[str, RunRecord]  # run_key -> record, for this spec's runs already in the results
     todo: list[Run]
     batches: list[Batch]
-    workers: int
+    workers: int | None  # None: one actor per batch (an elastic cluster)
     accelerator: str
 
     def describe(self) -> str:
@@ -50,7 +49,29 @@ class SweepPlan:
         return (
             f"sweep {self.sweep.name!r}: {len(self.sweep.runs)} runs, {len(self.done)} already done, "
             f"{len(self.todo)} to run in {len(self.batches)} batches (sizes {sizes or '-'}) of "
-            f"{signatures} compiled programs on {self.workers} {self.accelerator} workers"
+            f"{signatures} compiled programs on "
+            + (f"{self.workers} {self.accelerator} workers" if self.workers else f"one {self.accelerator} actor each")
+        )
+
+    def describe_cost(self) -> str:
+        """The sweep's learner-steps, FLOPs and estimated core-hours, in all and still to run (orchestrator.cost).
+
+        Rates measured by the CPU batches of the sweeps under the results root where they ran the
+        shape, else the learner benchmarks (docs/benchmarks.md); the last line says which.
+        """
+        from orchestrator import cost
+
+        rates = cost.measured_rates(self.results, device="cpu")
+        total, todo = cost.estimate(self.sweep.runs, rates), cost.estimate(self.todo, rates)
+        return "\n".join(
+            [
+                f"  learner-steps: {cost.format_count(total.learner_steps)} in all, "
+                f"{cost.format_count(todo.learner_steps)} to run",
+                f"  FLOPs: {cost.format_count(total.flops)} in all, {cost.format_count(todo.flops)} to run",
+                f"  estimated compute: {cost.format_hours(todo.core_hours)} to run "
+                f"({cost.format_hours(total.core_hours)} for the whole sweep), one CPU core per actor",
+                f"  throughput source: {total.source}",
+            ]
         )
 
 
@@ -58,7 +79,7 @@ def plan_sweep(
     spec: str | Path | Sweep,
     results: str = DEFAULT_RESULTS,
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     accelerator: str = "cpu",
     batch_size: int | None = None,
 ) -> SweepPlan:
@@ -99,10 +120,29 @@ class SweepReport:
     node_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray node id -> batches finished
     resumed_batches: int = 0  # batches that continued from a checkpoint
     stopped: str | None = None  # why the sweep stopped with runs left (its actors cannot start)
+    preempted: int = 0  # times a batch went back to the queue because its actor or node was lost (no try used)
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.interrupted and not self.stopped
+
+
+def results_for_cluster(results: str, address: str | None) -> str:
+    """A relative --results folder, with --address, as an absolute path resolved here on the driver.
+
+    Every actor writes the results itself: a relative folder would be resolved against each
+    actor's own working folder. The absolute path must be writable on every node (one machine, or
+    a shared file system); a URI (s3://...) is passed on as it is.
+    """
+    if address is None or "://" in results or Path(results).expanduser().is_absolute():
+        return results
+    resolved = str(Path(results).expanduser().resolve())
+    print(
+        f"ccn: --results {results!r} is relative; the cluster's actors write to {resolved} "
+        "(every node must reach it: one machine or a shared file system; else give a URI such as s3://...)",
+        file=sys.stderr,
+    )
+    return resolved
 
 
 def run_sweep(
@@ -113,10 +153,13 @@ def run_sweep(
     batch_size: int | None = None,
     workers: int | None = None,
     max_attempts: int | None = None,
-    wandb: str | None = "disabled",
+    wandb: str | None = None,
     compilation_cache_dir: str | None = None,
     progress: bool | TextIO = True,
     stage: str = "select",
+    max_actors: int | None = None,
+    takeover: bool = False,
+    lease_expiry: float | None = None,
 ) -> SweepReport:
     """Run every run of the spec that the results do not hold yet, on Ray.
 
@@ -124,16 +167,30 @@ def run_sweep(
     (`evaluation_sweep`), into the results folder `<name>.evaluation`.
 
     address: a Ray cluster (HOST:PORT, ray://HOST:PORT or "auto"); None starts an embedded local
-    Ray with `workers` CPUs (default: all cores) and stops it at the end. batch_size overrides the
-    automatic batch size (and the spec's). wandb: disabled | offline | online, or None for
-    tracking.default_mode() (orchestrator.tracking; W&B errors are warnings). progress: True
+    Ray with `workers` CPUs (default: all cores) and stops it at the end. max_actors: the most
+    actors the sweep holds at once (default: on a cluster, one per queued batch, so an autoscaler
+    grows the cluster to fit the sweep; on the embedded Ray, one per CPU); on a cluster it also
+    sizes the batches (each of max_actors actors gets work). batch_size overrides the
+    automatic batch size (and the spec's). wandb: disabled | offline | online, or None (the
+    default, as for `ccn run`) for tracking.default_mode(): $WANDB_MODE, else disabled
+    (orchestrator.tracking; W&B errors are warnings). progress: True
     (stderr), False, or a text stream.
     Raises SpecError (bad spec) or schedule.ClusterError (unreachable cluster) before any compute.
+
+    One driver per sweep (orchestrator.lease): the sweep's lease `<results>/<sweep>/_driver` is
+    taken before anything is touched; lease.LeaseHeld when another driver holds it. takeover:
+    replace the lease of a dead driver (heartbeat older than its expiry: lease_expiry seconds,
+    default $CCN_LEASE_EXPIRY or 60). lease.LeaseLost when the lease cannot be kept (e.g. the
+    results became read-only): the sweep stops, what was written stays.
     """
+    import threading
     import time
+
+    results = results_for_cluster(results, address)
 
     from orchestrator import schedule, tracking
     from orchestrator.execute import default_compilation_cache_dir
+    from orchestrator.lease import Lease, LeaseLost
     from orchestrator.progress import Progress
 
     wandb = wandb or tracking.default_mode()
@@ -148,64 +205,91 @@ def run_sweep(
         schedule.check_address(address)
     started = time.perf_counter()
     store = ResultsStore(results, sweep.name)
-    store.remove_orphans()
-    preview = plan_sweep(sweep, results, batch_size=batch_size)
-    outcome = schedule.SweepOutcome()
-    if preview.todo:
-        import ray
+    lease = Lease(store, expiry=lease_expiry, retry_hint=_takeover_hint(sweep, results, stage)).acquire(takeover)
+    lease.keep_alive(interrupt_main=threading.current_thread() is threading.main_thread())
+    try:  # holding the sweep's lease: no other driver cleans up or writes this sweep now
+        store.remove_orphans()
+        preview = plan_sweep(sweep, results, batch_size=batch_size)
+        outcome = schedule.SweepOutcome()
+        if preview.todo:
+            import ray
 
-        we_started = schedule.connect(address, workers)
-        try:
-            actors = schedule.cluster_workers()
-            if workers and not address:
-                actors = dataclasses.replace(actors, cpu=min(actors.cpu, workers))
-            plan = plan_sweep(
-                sweep, results, workers=actors.planned, accelerator=actors.accelerator, batch_size=batch_size
-            )
-            stream = progress if hasattr(progress, "write") else sys.stderr
-            display = Progress(len(plan.todo), sum(b.learner_steps for b in plan.batches), stream) if progress else None
-            if display:
-                merging = f"; {actors.gpu} GPU workers merge them" if actors.gpu and actors.accelerator == "cpu" else ""
-                display.message(plan.describe() + merging)
-            tracker = tracking.Tracker.start(wandb, results, sweep.name)
-            if tracker and display:
-                display.message(f"W&B: {wandb}, runs in {tracker.dir}")
-            outcome = schedule.run_batches(
-                plan.batches,
-                results,
-                sweep.name,
-                workers=actors,
-                max_attempts=max_attempts or sweep.max_attempts,
-                compilation_cache_dir=compilation_cache_dir or default_compilation_cache_dir(),
-                checkpoint_every=sweep.checkpoint_every,
-                progress=display,
-                on_batch_done=tracker.batch_done if tracker else None,
-            )
-            if tracker:
-                tracker.close(timeout=5.0 if outcome.interrupted else 60.0)
-            if display:
-                display.close()
-        finally:
-            if we_started:
-                ray.shutdown()
-    return SweepReport(
-        sweep=sweep.name,
-        results=results,
-        total=len(sweep.runs),
-        already_done=len(preview.done),
-        ran=outcome.runs_done,
-        diverged=outcome.runs_diverged + sum(r.status == "diverged" for r in preview.done.values()),
-        failed=outcome.runs_failed,
-        interrupted=outcome.interrupted,
-        seconds=time.perf_counter() - started,
-        workers=outcome.workers,
-        actors_used=len(outcome.actor_compute_seconds),
-        failures=outcome.failed_batches,
-        busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
-        node_batches=dict(outcome.node_batches),
-        resumed_batches=outcome.resumed_batches,
-        stopped=outcome.stopped,
+            we_started = schedule.connect(address, workers)
+            try:
+                # attached to a cluster (which may autoscale): actors follow the queue, up to
+                # max_actors; the embedded Ray: one per CPU. The plan never counts nodes alive now.
+                actors = schedule.cluster_workers(max_actors, elastic=bool(address))
+                if workers and not address:
+                    actors = dataclasses.replace(actors, cpu=min(actors.cpu, workers))
+                plan = plan_sweep(
+                    sweep, results, workers=actors.planned, accelerator=actors.accelerator, batch_size=batch_size
+                )
+                stream = progress if hasattr(progress, "write") else sys.stderr
+                steps = sum(b.learner_steps for b in plan.batches)
+                display = Progress(len(plan.todo), steps, stream) if progress else None
+                if display:
+                    merging = actors.gpu and actors.accelerator == "cpu"
+                    merging = f"; {actors.gpu} GPU workers merge them" if merging else ""
+                    display.message(plan.describe() + merging)
+                tracker = tracking.Tracker.start(wandb, results, sweep.name)
+                if tracker and display:
+                    display.message(f"W&B: {wandb}, runs in {tracker.dir}")
+                outcome = schedule.run_batches(
+                    plan.batches,
+                    results,
+                    sweep.name,
+                    workers=actors,
+                    max_attempts=max_attempts or sweep.max_attempts,
+                    compilation_cache_dir=compilation_cache_dir or default_compilation_cache_dir(),
+                    checkpoint_every=sweep.checkpoint_every,
+                    progress=display,
+                    on_batch_done=tracker.batch_done if tracker else None,
+                )
+                if tracker:
+                    tracker.close(timeout=5.0 if outcome.interrupted else 60.0)
+                if display:
+                    display.close()
+            finally:
+                if we_started:
+                    ray.shutdown()
+        report = SweepReport(
+            sweep=sweep.name,
+            results=results,
+            total=len(sweep.runs),
+            already_done=len(preview.done),
+            ran=outcome.runs_done,
+            diverged=outcome.runs_diverged + sum(r.status == "diverged" for r in preview.done.values()),
+            failed=outcome.runs_failed,
+            interrupted=outcome.interrupted,
+            seconds=time.perf_counter() - started,
+            workers=outcome.workers,
+            actors_used=len(outcome.actor_compute_seconds),
+            failures=outcome.failed_batches,
+            busiest_actor_compute_seconds=max(outcome.actor_compute_seconds.values(), default=0.0),
+            node_batches=dict(outcome.node_batches),
+            resumed_batches=outcome.resumed_batches,
+            stopped=outcome.stopped,
+            preempted=outcome.preempted,
+        )
+        if outcome.failed_batches or outcome.interrupted:
+            lease.verify()  # batches that failed because the results became unwritable: say so
+    except KeyboardInterrupt:
+        if lease.lost:  # the heartbeat thread stopped the sweep: the lease could not be kept
+            raise LeaseLost(lease.lost) from None
+        raise
+    finally:
+        lease.release()
+    if lease.lost:
+        raise LeaseLost(lease.lost)
+    return report
+
+
+def _takeover_hint(sweep: Sweep, results: str, stage: str) -> str:
+    """The command that takes a dead driver's lease over."""
+    options = (f" --results {results}" if results != DEFAULT_RESULTS else "") + (
+        " --stage evaluate" if stage == "evaluate" else ""
     )
+    return f"ccn run {sweep.path or 'SPEC'}{options} --takeover"
 
 
 # -- the evaluation stage -------------------------------------------------------------------
@@ -230,7 +314,7 @@ def evaluation_sweep(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS, c
         )
     by_key = {run.run_key: run for run in sweep.runs}
     runs = []
-    for winner in analysis.select(analysis.load(results, sweep.name), criterion):
+    for winner in analysis.select(analysis.load(results, sweep.name, spec=sweep), criterion):
         chosen = next((by_key[key] for key in winner["run_keys"] if key in by_key), None)
         if chosen is not None:
             runs += [dataclasses.replace(chosen, seed=seed) for seed in sweep.evaluation_seed_list]
@@ -335,108 +419,26 @@ def sweep_status(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS) -> Sw
     )
 
 
-def compare(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS, metric: str = "msre_window") -> list[dict]:
-    """The best hyperparameter setting of each learner shape on each task, by final `metric`.
+def compare(spec: str | Path | Sweep, results: str = DEFAULT_RESULTS, criterion: str = "final_error") -> list[dict]:
+    """Each learner's best setting on each task, by the analysis selection rule (docs/analysis.md).
 
-    For every (task, learner name, shape) and every setting of its hyperparameters, the final
-    logged `metric` is averaged over seeds; the setting with the lowest mean among those with no
-    diverged seed wins. Rows: task, learner, shape, flops_per_step, setting, seeds, mean,
-    standard error, diverged (runs of that learner shape that diverged), settings (how many).
+    One implementation with `ccn report`: analysis.load reads exactly the spec's runs (selection
+    and evaluation), analysis.comparison picks each learner's winner (analysis.select) and gives
+    its final error over seeds with a 95% Student t interval. criterion: final_error | auc.
+    Rows: analysis.comparison's; [] when the results hold none of the spec's runs yet.
     """
-    import duckdb
+    import analysis
 
-    from orchestrator.schema import LEARNER_SETTING_COLUMNS, METRIC_COLUMNS
-
-    if metric not in METRIC_COLUMNS:
-        raise ValueError(f"unknown metric {metric!r}; the results hold {', '.join(METRIC_COLUMNS)}")
     sweep = _sweep(spec)
-    store = ResultsStore(results, sweep.name)
-    runs_data, metrics_data = store.dataset("runs"), store.dataset("metrics")
-    if runs_data is None:
+    try:
+        loaded = analysis.load(results, sweep.name, spec=sweep)
+    except analysis.NoRunsError:
         return []
-    runs_table = runs_data.to_table()  # noqa: F841 - queried by DuckDB by name
-    metrics_table = metrics_data.to_table(columns=["run_key", "step", metric]) if metrics_data else None  # noqa: F841
-    spec_keys = [run.run_key for run in sweep.runs]  # noqa: F841
-    hyper = [
-        c
-        for c in LEARNER_SETTING_COLUMNS
-        if c not in ("total_columns", "columns_per_stage", "steps_per_stage", "truncation", "hidden", "dtype")
-    ]
-    final = (
-        f"(SELECT run_key, arg_max({metric}, step) AS final FROM metrics_table GROUP BY run_key)"
-        if metrics_data is not None
-        else "(SELECT NULL::VARCHAR AS run_key, NULL::DOUBLE AS final)"
-    )
-    rows = duckdb.sql(
-        f"""
-        SELECT r.task, r.learner_name, r.shape, r.flops_per_step, r.status, r.seed,
-               {", ".join(f"r.{c}" for c in hyper)}, f.final
-        FROM runs_table r LEFT JOIN {final} f USING (run_key)
-        WHERE r.run_key IN (SELECT unnest($keys))
-        """,
-        params={"keys": spec_keys},
-    ).fetchall()
-    groups: dict[tuple, dict[tuple, list]] = {}
-    for row in rows:
-        task, learner, shape, flops, status, seed, *settings, final = row
-        setting = tuple((name, value) for name, value in zip(hyper, settings, strict=True) if value is not None)
-        groups.setdefault((task, learner, shape, flops), {}).setdefault(setting, []).append((status, final))
-    table = []
-    for (task, learner, shape, flops), settings in sorted(
-        groups.items(), key=lambda item: (item[0][0], item[0][3] or 0)
-    ):
-        varying = {name for name in hyper if len({dict(s).get(name) for s in settings}) > 1} or {"step_size"}
-        best = None
-        for setting, outcomes in settings.items():
-            values = [final for status, final in outcomes if status == "complete" and final is not None]
-            if len(values) != len(outcomes) or not values:
-                continue
-            mean = sum(values) / len(values)
-            if best is None or mean < best[1]:
-                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-                best = (setting, mean, sd / math.sqrt(len(values)), len(values))
-        diverged = sum(status == "diverged" for outcomes in settings.values() for status, _ in outcomes)
-        table.append(
-            {
-                "task": task,
-                "learner": learner,
-                "shape": shape,
-                "flops_per_step": flops,
-                "setting": ", ".join(
-                    f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}"
-                    for n, v in (best[0] if best else ())
-                    if n in varying
-                )
-                or "-",
-                "seeds": best[3] if best else 0,
-                "mean": best[1] if best else None,
-                "stderr": best[2] if best else None,
-                "diverged": diverged,
-                "settings": len(settings),
-            }
-        )
-    return table
+    return analysis.comparison(loaded, criterion)
 
 
-def format_comparison(table: list[dict], metric: str = "msre_window") -> str:
-    """A plain-text table of `compare`'s rows."""
-    if not table:
-        return "no results yet"
-    header = ["task", "learner", "shape", "flops/step", "best setting", "seeds", f"final {metric}", "diverged"]
-    body = [
-        [
-            row["task"],
-            row["learner"],
-            row["shape"],
-            f"{row['flops_per_step']:,}",
-            row["setting"],
-            str(row["seeds"]),
-            "-" if row["mean"] is None else f"{row['mean']:.5f} ± {row['stderr']:.5f}",
-            str(row["diverged"]),
-        ]
-        for row in table
-    ]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def format_comparison(table: list[dict]) -> str:
+    """A plain-text table of `compare`'s rows (analysis.format_table), with a line saying which intervals."""
+    import analysis
+
+    return analysis.format_table(table)

@@ -1,11 +1,16 @@
 """Batch checkpoints: a running batch's whole state at a chunk boundary, as one file.
 
 A checkpoint holds everything needed to continue a batch exactly where it was: the carry of
-every run (learner state, device-stream state, on-device metric reducers, finite flags; leaves
+every run (learner state, device-stream state, on-device metric reducers and divergence guard; leaves
 [padded batch, ...] and the shared step counter), the host-side bookkeeping (steps done, each
 run's divergence step, the metric rows logged so far, the compute seconds spent) and the
-position of a replayed (recorded) stream. Since every run is seeded and the compiled program is
-the same, a resumed batch ends with exactly the results of an uninterrupted one.
+position of a replayed (recorded) stream. Every run is seeded and the program is the same, so a
+batch resumed on the same kind of device (same platform and processor model, same jax/XLA)
+ends with exactly (bitwise) the results of an uninterrupted one. The device is not recorded and
+not checked: a checkpoint taken on one kind of device resumes on another (a CPU batch on a GPU,
+or on a CPU of another generation), and that continuation is correct but compiled differently,
+so its numbers may differ from an uninterrupted run's in the last bits, and more after a long
+run, as between any two device kinds. The runs row's `device` is the resuming actor's.
 
 Format: an uncompressed NumPy .npz: arrays `leaf_<i>` (the carry's leaves in tree order) and
 `diverged_at`, plus `header`, a JSON document (batch key, run keys, padded size, steps done,
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,24 +74,30 @@ def decode(data: bytes) -> Checkpoint:
                 raise ValueError(f"checkpoint format {header.get('format')!r}, expected {FORMAT}")
             leaves = [archive[f"leaf_{i}"] for i in range(header["leaves"])]
             diverged_at = archive["diverged_at"]
-    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        return Checkpoint(
+            batch_key=header["batch_key"],
+            run_keys=list(header["run_keys"]),
+            padded_size=int(header["padded_size"]),
+            steps_done=int(header["steps_done"]),
+            structure=header["structure"],
+            leaves=leaves,
+            diverged_at=diverged_at,
+            metric_rows=header["metric_rows"],
+            stream_position=header["stream_position"],
+            compute_seconds=float(header["compute_seconds"]),
+        )
+    except (OSError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
         raise ValueError(f"not a readable checkpoint: {error}") from None
-    return Checkpoint(
-        batch_key=header["batch_key"],
-        run_keys=list(header["run_keys"]),
-        padded_size=int(header["padded_size"]),
-        steps_done=int(header["steps_done"]),
-        structure=header["structure"],
-        leaves=leaves,
-        diverged_at=diverged_at,
-        metric_rows=header["metric_rows"],
-        stream_position=header["stream_position"],
-        compute_seconds=float(header["compute_seconds"]),
-    )
+    except ValueError as error:  # json.JSONDecodeError, pickled data, a bad format
+        raise ValueError(f"not a readable checkpoint: {error}") from None
 
 
 def resumable_batches(store) -> list[tuple[list[str], int]]:
-    """(run keys, padded size) of every readable checkpoint in a ResultsStore (for planning)."""
+    """(run keys, padded size) of every readable checkpoint in a ResultsStore (for planning).
+
+    A checkpoint that cannot be decoded (empty, truncated, garbage) is set aside as
+    `<batch_key>.ckpt.corrupt` with one warning line (store.set_aside); its batch starts over.
+    """
     found = []
     for batch_key in store.checkpoint_keys():
         data = store.read_checkpoint(batch_key)
@@ -93,7 +105,10 @@ def resumable_batches(store) -> list[tuple[list[str], int]]:
             continue
         try:
             checkpoint = decode(data)
-        except ValueError:
+            if checkpoint.batch_key != batch_key:
+                raise ValueError(f"it holds batch {checkpoint.batch_key[:12]}")
+        except ValueError as problem:
+            store.set_aside(store.checkpoint_path(batch_key), str(problem), note="its batch starts over")
             continue
         found.append((checkpoint.run_keys, checkpoint.padded_size))
     return found

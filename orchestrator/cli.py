@@ -2,16 +2,20 @@
 
     ccn run SPEC [--results DIR_OR_URI] [--address ADDR] [--batch-size B] [--workers N] [--wandb MODE]
     ccn status SPEC [--results DIR_OR_URI]
-    ccn compare SPEC [--results DIR_OR_URI] [--metric msre_window]
+    ccn compare SPEC [--results DIR_OR_URI] [--criterion final_error|auc]   # the analysis selection rule
     ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
     ccn run SPEC --stage evaluate            # each learner's winner on fresh seeds (docs/analysis.md)
-    ccn report RESULTS [--sweep NAME] --out DIR [--criterion final_error|auc] [--along PARAM]
-    ccn cluster up --workers N [--cpus-per-node C]   # a local multi-node Ray (docs/cluster.md)
+    ccn report RESULTS [--spec SPEC] [--sweep NAME] --out DIR [--criterion final_error|auc] [--along PARAM]
+    ccn cluster up --workers N [--cpus-per-node C] [--no-auth]   # a local multi-node Ray (docs/cluster.md)
     ccn cluster down
     ccn submit SPEC --address http://HEAD:8265 --results URI [--wait]   # a Ray job (docs/cluster.md)
+    ccn submit SPEC --results URI --dry-run   # list every file the job's upload would hold
+    ccn wandb-sync SPEC [--results DIR_OR_URI] --wandb offline|online   # log batches W&B has not had
 
-Exit codes: 0 done; 1 some runs failed, the run was interrupted or the cluster is unreachable;
-2 the spec (or a command-line value) is invalid, before any compute.
+Exit codes: 0 done; 1 some runs failed, the sweep stopped, or the cluster is unreachable (or
+a followed job did not succeed); 2 the spec (or a command-line value) is invalid, before any
+compute; 130 interrupted (Ctrl-C or SIGTERM: rerun the same command to finish what is missing;
+`ccn submit --wait` stops following and the job goes on).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import threading
 
 from orchestrator import api
-from orchestrator.spec import SpecError
+from orchestrator.spec import EVALUATION_SUFFIX, SpecError, is_safe_path_component
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,10 +42,23 @@ def _positive_int(text: str) -> int:
 
 
 def _add_execution_options(parser: argparse.ArgumentParser, wandb_help: str) -> None:
-    """--batch-size, --max-attempts and --wandb, shared by `ccn run` and `ccn submit`."""
+    """The driver's options, shared by `ccn run` and `ccn submit` (which forwards them to the job's `ccn run`)."""
     parser.add_argument("--batch-size", type=_positive_int, metavar="B", help="runs per compiled batch (default: auto)")
     parser.add_argument("--max-attempts", type=_positive_int, metavar="K", help="tries per batch (default: spec's, 3)")
     parser.add_argument("--wandb", choices=api.WANDB_MODES, default=None, help=wandb_help)
+    parser.add_argument(
+        "--max-actors",
+        type=_positive_int,
+        metavar="A",
+        help="most actors the sweep holds at once (default: on a cluster one per queued batch, which an "
+        "autoscaler grows the cluster for; locally one per CPU)",
+    )
+    parser.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over the sweep's lease from a dead driver (allowed once its heartbeat is older than "
+        "$CCN_LEASE_EXPIRY seconds, default 60)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "run every run of SPEC that the results do not hold yet")
     run.add_argument("--address", metavar="ADDR", help="attach to this Ray cluster (default: start a local one)")
     run.add_argument("--workers", type=_positive_int, metavar="N", help="local CPU workers (default: all cores)")
-    _add_execution_options(
-        run, "W&B tracking (default: $WANDB_MODE if set, else online with $WANDB_API_KEY, else offline)"
-    )
+    _add_execution_options(run, "W&B tracking (default: $WANDB_MODE if set, else disabled; the same as api.run_sweep)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument(
         "--stage",
@@ -75,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", "report done / missing / diverged / failed runs of SPEC from the results")
 
-    comparison = command("compare", "print the best setting of each learner shape on each task")
-    comparison.add_argument("--metric", default="msre_window", help="the metric to rank by (default: msre_window)")
+    comparison = command(
+        "compare", "print each learner's best setting on each task (the analysis selection rule, SPEC's runs only)"
+    )
+    comparison.add_argument(
+        "--criterion", choices=("final_error", "auc"), default="final_error", help="selection rule (final_error)"
+    )
 
     plan = command("plan", "validate SPEC and show what `ccn run` would do, without running anything")
     plan.add_argument("--batch-size", type=_positive_int, metavar="B")
@@ -84,7 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_cluster(commands)
     _add_submit(commands)
+    _add_wandb_sync(commands)
     return parser
+
+
+def _add_wandb_sync(commands) -> None:
+    """`ccn wandb-sync`: log to W&B the finished batches it has not had (orchestrator.tracking.sync)."""
+    text = "log to W&B every finished batch of SPEC that W&B has not had yet (idempotent)"
+    sync = commands.add_parser("wandb-sync", help=text, description=text)
+    sync.add_argument("spec", metavar="SPEC", help="the sweep spec (TOML)")
+    sync.add_argument(
+        "--results", default=api.DEFAULT_RESULTS, metavar="DIR_OR_URI", help="results root (default: ./results)"
+    )
+    sync.add_argument("--wandb", choices=("offline", "online"), default=None, help="W&B mode (default: $WANDB_MODE)")
+    sync.add_argument("--stage", choices=api.STAGES, default="select", help="select (default) or evaluate")
+
+
+def _wandb_sync(arguments) -> int:
+    from orchestrator import tracking
+
+    try:
+        report = tracking.sync(arguments.spec, arguments.results, arguments.wandb, stage=arguments.stage)
+    except ValueError as error:  # W&B disabled, or the evaluation stage has no selection yet
+        if isinstance(error, SpecError):
+            raise
+        print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.describe())
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def _add_submit(commands) -> None:
@@ -93,7 +139,7 @@ def _add_submit(commands) -> None:
     submit = commands.add_parser("submit", help=text, description=text)
     submit.add_argument("spec", metavar="SPEC", help="the sweep spec (TOML), validated here before submitting")
     submit.add_argument(
-        "--address", required=True, metavar="URL", help="the cluster's Jobs API: its dashboard, http://HEAD:8265"
+        "--address", metavar="URL", help="the cluster's Jobs API: its dashboard, http://HEAD:8265 (required to submit)"
     )
     submit.add_argument(
         "--results",
@@ -114,21 +160,38 @@ def _add_submit(commands) -> None:
         help="a pip requirement to add to the job's environment (repeatable; default: none, the cluster has the deps)",
     )
     submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 0 if it succeeds, else 1")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="list every file that would be uploaded, and the job; submit nothing"
+    )
 
 
 def _submit(arguments) -> int:
     from cluster import submit
 
+    driver = {name: getattr(arguments, name) for name in submit.DRIVER_OPTIONS}  # forwarded to the job's ccn run
+    if arguments.dry_run:
+        try:
+            planned = submit.dry_run(
+                arguments.spec, arguments.results, stage=arguments.stage, pip=arguments.pip, **driver
+            )
+        except ValueError as error:  # a bad --results (SpecError is handled by main)
+            if isinstance(error, SpecError):
+                raise
+            print(f"ccn: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print("\n".join(planned.describe()))
+        return EXIT_OK
+    if not arguments.address:
+        print("ccn: submit: --address URL is required (the cluster's dashboard; or --dry-run)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         job = submit.submit(
             arguments.spec,
             arguments.address,
             arguments.results,
-            wandb=arguments.wandb,
-            batch_size=arguments.batch_size,
-            max_attempts=arguments.max_attempts,
             stage=arguments.stage,
             pip=arguments.pip,
+            **driver,
         )
     except submit.SubmitError as error:
         print(f"ccn: {error}", file=sys.stderr)
@@ -138,7 +201,9 @@ def _submit(arguments) -> int:
             raise
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"submitted sweep {job.sweep!r} as Ray job {job.job_id}")
+    print(f"submitted sweep {job.sweep!r} as Ray job {job.job_id} ({len(job.files)} files uploaded)")
+    for path in job.left_out:
+        print(f"ccn: not uploaded (named like a secret): {path}", file=sys.stderr)
     for line in job.instructions():
         print(f"  {line}")
     if not arguments.wait:
@@ -166,6 +231,12 @@ def _add_cluster(commands) -> None:
     up = actions.add_parser("up", help="start a head and N worker nodes; prints the address")
     up.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="worker nodes (default: 2)")
     up.add_argument("--cpus-per-node", type=_positive_int, default=1, metavar="C", help="CPUs per worker (default 1)")
+    up.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_false",
+        help="turn Ray's token authentication off (default: on; anyone on this machine could then attach)",
+    )
     for action in (
         up,
         actions.add_parser("down", help="stop exactly what `up` started"),
@@ -181,10 +252,15 @@ def _cluster(arguments) -> int:
 
     try:
         if arguments.action == "up":
-            started = local.up(arguments.workers, arguments.cpus_per_node, state=arguments.state)
+            started = local.up(arguments.workers, arguments.cpus_per_node, state=arguments.state, auth=arguments.auth)
             print(f"local Ray cluster up: 1 head + {started.workers} workers x {started.cpus_per_node} CPUs")
             print(f"address: {started.address}")
             print(f"dashboard: {started.dashboard}")
+            if started.token_file:
+                print(f"token auth: on; token in {started.token_file} (ccn finds it; other clients: ", end="")
+                print(f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={started.token_file})")
+            else:
+                print("token auth: off (--no-auth): anyone on this machine can attach and run code")
             print(f"run a sweep on it:  ccn run SPEC --address {started.address}")
             print(f"or submit it:       ccn submit SPEC --address {started.dashboard} --results ABSOLUTE_DIR")
             print(f"stop it:            ccn cluster down   (state: {local.state_path(arguments.state)})")
@@ -208,7 +284,14 @@ def _add_report(commands) -> None:
     """`ccn report`: a thin layer over analysis.write_report."""
     report = commands.add_parser("report", help="write report.md and figures from a sweep's results")
     report.add_argument("results", metavar="RESULTS", help="results root: a folder or a pyarrow filesystem URI")
-    report.add_argument("--sweep", metavar="NAME", help="the sweep to report (default: the only one in RESULTS)")
+    report.add_argument(
+        "--spec",
+        metavar="SPEC",
+        help="report exactly this spec's runs (rows of earlier edits of it are ignored); default sweep: its name",
+    )
+    report.add_argument(
+        "--sweep", metavar="NAME", help="the sweep to report (default: the spec's, else the only one in RESULTS)"
+    )
     report.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and its figures")
     report.add_argument("--criterion", choices=("final_error", "auc"), default="final_error", help="selection rule")
     report.add_argument(
@@ -219,17 +302,34 @@ def _add_report(commands) -> None:
 def _report(arguments) -> int:
     import analysis
 
+    if arguments.sweep is not None and (
+        not is_safe_path_component(arguments.sweep) or arguments.sweep.endswith(EVALUATION_SUFFIX)
+    ):
+        print(
+            f"ccn: --sweep: {arguments.sweep!r} is not a sweep name (one folder name of letters, digits, '.', '_' "
+            f"and '-'; name the selection sweep, its {EVALUATION_SUFFIX!r} folder is read with it)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         report = analysis.write_report(
-            arguments.results, arguments.out, arguments.sweep, criterion=arguments.criterion, along=arguments.along
+            arguments.results,
+            arguments.out,
+            arguments.sweep,
+            criterion=arguments.criterion,
+            along=arguments.along,
+            spec=arguments.spec,
         )
     except ValueError as error:
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(report.text_table)
+    for note in report.notes:
+        print(f"note: {note}")
     if report.biased:
         print("note: rows marked 'selection (biased)' have no evaluation runs (ccn run SPEC --stage evaluate)")
     print(f"report: {report.path}")
+    print(f"\n{report.verdict}")
     return EXIT_OK
 
 
@@ -253,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(arguments) -> int:
+    from cluster import local
+    from orchestrator.lease import LeaseHeld, LeaseLost
     from orchestrator.schedule import ClusterError
 
+    local.use_recorded_auth(arguments.address)  # a `ccn cluster up` cluster: its token (docs/cluster.md)
     try:
         report = api.run_sweep(
             arguments.spec,
@@ -263,12 +366,21 @@ def _run(arguments) -> int:
             batch_size=arguments.batch_size,
             workers=arguments.workers,
             max_attempts=arguments.max_attempts,
+            max_actors=arguments.max_actors,
             wandb=arguments.wandb,
             progress=not arguments.quiet,
             stage=arguments.stage,
+            takeover=arguments.takeover,
         )
-    except ClusterError as error:
+    except (ClusterError, LeaseHeld) as error:
         print(f"ccn: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except LeaseLost as error:
+        print(
+            f"ccn: the sweep stopped: {error}; everything written before is kept; "
+            "rerun the same command once the results are writable",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     except ValueError as error:  # the evaluation stage cannot start (selection unfinished)
         if isinstance(error, SpecError):
@@ -298,19 +410,20 @@ def _status(arguments) -> int:
 
 def _compare(arguments) -> int:
     try:
-        table = api.compare(arguments.spec, arguments.results, metric=arguments.metric)
+        table = api.compare(arguments.spec, arguments.results, criterion=arguments.criterion)
     except ValueError as error:
         if isinstance(error, SpecError):
             raise
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(api.format_comparison(table, arguments.metric))
+    print(api.format_comparison(table))
     return EXIT_OK
 
 
 def _plan(arguments) -> int:
     plan = api.plan_sweep(arguments.spec, arguments.results, workers=arguments.workers, batch_size=arguments.batch_size)
     print(plan.describe())
+    print(plan.describe_cost())
     return EXIT_OK
 
 
@@ -322,6 +435,7 @@ COMMANDS = {
     "report": _report,
     "cluster": _cluster,
     "submit": _submit,
+    "wandb-sync": _wandb_sync,
 }
 
 if __name__ == "__main__":

@@ -5,9 +5,14 @@ a benchmark. The executor keeps one `learners.runner.BatchRunner` per static sig
 signature compiles once per process; hyperparameters and seeds are arrays [B]. A chunk is
 `log_every` steps; after each chunk the host reads only the reduced metrics [B].
 
-Divergence: the task's reducer is wrapped so that a run's first non-finite prediction records
-the step and freezes its metrics; after each chunk the learner state is also checked for
-non-finite values. Such a run is `diverged`; the rest of its batch goes on.
+Divergence: the task's reducer is wrapped (`guard_reducer`, the one divergence flag) so that a
+run's first non-finite prediction records the step and freezes its metrics; after each chunk the
+learner state is also checked for non-finite values. Such a run is `diverged`; the rest of its
+batch goes on.
+
+Precision: a batch of `dtype = "float64"` learners is compiled and run with 64-bit JAX enabled
+for that batch only (`jax.enable_x64`, a context: float32 batches in the same process are not
+affected, whatever ran before them).
 
 Checkpoints: given a checkpoint store (a ResultsStore) and `checkpoint_every` steps, the
 executor saves the batch's whole state every `checkpoint_every` steps (orchestrator.checkpoint)
@@ -16,6 +21,7 @@ and, before starting, resumes from the batch's checkpoint when one exists for th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,11 +33,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from orchestrator import checkpoint as checkpoints_format
-from orchestrator.learner_kinds import LEARNER_KINDS
+from orchestrator.learner_kinds import learner_kind
 from orchestrator.plan import Batch
 from orchestrator.runs import Run, package_version
 from orchestrator.schema import SCHEMA_VERSION, to_table
-from orchestrator.task_kinds import TASK_KINDS, build_atari_stream, build_device_stream
+from orchestrator.task_kinds import task_kind
 
 NOT_DIVERGED = -1
 
@@ -70,9 +76,19 @@ def guard_reducer(reducer):
 
 def task_reducer(task, log_every: int):
     """The task's on-device error measures (names as in TaskKind.metrics)."""
-    from environments import metrics
+    return task_kind(task.kind).reducer(task.params_dict.get("window"), log_every)
 
-    return metrics.make_reducer(task.kind, window=task.params_dict.get("window"), log_every=log_every)
+
+def batch_dtype(batch: Batch) -> str:
+    """The float dtype of a batch's learners ('float32' or 'float64'; the signature fixes it)."""
+    return batch.runs[0].config_dict.get("dtype", "float32")
+
+
+def precision(batch: Batch):
+    """A context that enables 64-bit JAX while a float64 batch compiles and runs (else nothing)."""
+    import jax
+
+    return jax.enable_x64(True) if batch_dtype(batch) == "float64" else contextlib.nullcontext()
 
 
 def device_description() -> str:
@@ -121,24 +137,25 @@ class BatchExecutor:
         if batch.signature in self.compiled:
             return self.compiled[batch.signature]
         run = batch.runs[0]
-        kind = LEARNER_KINDS[run.learner]
+        kind = learner_kind(run.learner)
         module = kind.learners_module()
         cfg = kind.make_config(run.config_dict, run.task.n_inputs)
         reducer = guard_reducer(task_reducer(run.task, run.log_every))
-        device_stream = TASK_KINDS[run.task.kind].device
-        stream = build_device_stream(run.task.kind, run.task.params_dict) if device_stream else None
+        task = task_kind(run.task.kind)
+        device_stream = task.device
+        stream = task.device_stream(run.task.params_dict) if device_stream else None
         runner = learner_runner.BatchRunner(module, cfg, stream=stream, reducer=reducer, chunk_steps=run.log_every)
         read_metrics = jax.jit(lambda carry: jax.vmap(reducer.read)(carry.reducer))
 
         def state_finite(carry):
-            """[B] bool: every float in each run's learner state is finite (and every prediction was)."""
-            size = carry.finite.shape[0]
+            """[B] bool: every float in each run's learner state is finite (predictions: the guard)."""
+            size = carry.reducer.diverged_at.shape[0]
             checks = [
                 jnp.all(jnp.isfinite(leaf.reshape(size, -1)), axis=1)
                 for leaf in jax.tree.leaves(carry.learner)
                 if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.ndim >= 1 and leaf.shape[0] == size
             ]
-            return jnp.all(jnp.stack(checks), axis=0) & carry.finite
+            return jnp.all(jnp.stack(checks), axis=0) if checks else jnp.ones((size,), bool)
 
         cost = kind.cost(run.config_dict, run.task.n_inputs)
         compiled = _Compiled(runner, read_metrics, jax.jit(state_finite), device_stream, module, cost)
@@ -154,6 +171,10 @@ class BatchExecutor:
         ResultsStore) or None; checkpoint_every: steps between checkpoints (a multiple of the
         batch's log_every; 0: never save, but still resume from an existing checkpoint).
         """
+        with precision(batch):
+            return self._run(batch, attempt, checkpoints=checkpoints, checkpoint_every=checkpoint_every)
+
+    def _run(self, batch: Batch, attempt: int, *, checkpoints, checkpoint_every: int) -> tuple[list[dict], list[dict]]:
         import jax
         import jax.numpy as jnp
 
@@ -163,10 +184,11 @@ class BatchExecutor:
         started = time.perf_counter()
         compiled = self._compile(batch)
         padded = list(batch.runs) + [batch.runs[-1]] * (batch.padded_size - len(batch.runs))
-        hypers = stack_hypers(compiled.module.Hyper, [run.hyper_dict for run in padded])
+        hypers = stack_hypers(compiled.module.Hyper, [run.hyper_dict for run in padded], dtype=batch_dtype(batch))
         seeds = jnp.asarray([run.seed for run in padded], jnp.uint32)
         env_keys, learner_keys = jax.vmap(split_run_seed)(seeds)
-        recorded = None if compiled.device_stream else build_atari_stream(batch.runs[0].task.params_dict)
+        task = batch.runs[0].task
+        recorded = None if compiled.device_stream else task_kind(task.kind).host_stream(task.params_dict)
         carry = compiled.runner.init(hypers, learner_keys, env_keys if compiled.device_stream else None)
         structure = jax.tree.structure(carry)
 
@@ -184,7 +206,7 @@ class BatchExecutor:
             metric_rows = list(restored.metric_rows)
             spent_before, resumed_from = restored.compute_seconds, restored.steps_done
             if recorded is not None:
-                recorded.seek(restored.stream_position)
+                _seek(recorded, restored.stream_position)
         for chunk in range(first_chunk, chunks):
             steps_done = (chunk + 1) * run0.log_every
             if recorded is None:
@@ -291,16 +313,23 @@ def runs_row(
     node: str | None = None,
     resumed_from_step: int | None = None,
 ) -> dict:
-    """The `runs` row of one run of a finished batch (see orchestrator.schema)."""
-    kind = LEARNER_KINDS[run.learner]
+    """The `runs` row of one run of a finished batch (see orchestrator.schema).
+
+    A learner setting with a typed column of its own fills it; the others (an external learner's)
+    go to `learner_settings` as JSON."""
+    kind = learner_kind(run.learner)
+    settings = {**run.config_dict, **run.hyper_dict}
+    typed = {name: value for name, value in settings.items() if _fits_column(name, value)}
+    extra = {name: value for name, value in settings.items() if name not in typed}
     return {
         "run_key": run.run_key,
         "sweep": batch.sweep,
         "learner": run.learner,
         "learner_name": run.learner_name,
-        "shape": kind.format_shape(run.config_dict),
-        **run.config_dict,
-        **run.hyper_dict,
+        "shape": kind.format_shape(run.config_dict, run.task.n_inputs),
+        **typed,
+        "learner_settings": json.dumps(extra, sort_keys=True) if extra else None,
+        "cost_source": kind.cost_source,
         "task": run.task.name,
         "task_kind": run.task.kind,
         "task_params": json.dumps(dict(run.task.params), sort_keys=True),
@@ -326,6 +355,39 @@ def runs_row(
         "schema_version": SCHEMA_VERSION,
         "finished_at": finished_at,
     }
+
+
+def _fits_column(name: str, value) -> bool:
+    """Whether a learner setting goes to a typed column of the runs table (same name, a value of its type)."""
+    import pyarrow as pa
+
+    from orchestrator.schema import LEARNER_SETTING_COLUMNS, RUNS_SCHEMA
+
+    if name not in LEARNER_SETTING_COLUMNS:
+        return False
+    column = RUNS_SCHEMA.field(name).type
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return pa.types.is_boolean(column)
+    if isinstance(value, int):
+        return pa.types.is_integer(column) or pa.types.is_floating(column)
+    if isinstance(value, float):
+        return pa.types.is_floating(column)
+    return isinstance(value, str) and pa.types.is_string(column)
+
+
+def _seek(stream, position: int) -> None:
+    """Continue a host stream from `position` steps: its `seek` (a recording), else by taking them
+    (a generated stream, e.g. gym: deterministic given its seed)."""
+    if hasattr(stream, "seek"):
+        stream.seek(position)
+        return
+    remaining = position - getattr(stream, "steps_taken", 0)
+    while remaining > 0:
+        taken = min(remaining, 100_000)
+        stream.take(taken)
+        remaining -= taken
 
 
 def _float(value) -> float | None:

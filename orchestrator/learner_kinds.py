@@ -1,19 +1,25 @@
-"""The learner kinds a sweep can name, and how the orchestrator builds and prices each one.
+"""The learner kinds a sweep can name: a generic view of any learner of the protocol (learners.registry).
 
-This is the orchestrator's adapter over `learners/`: it knows, per kind, the shape notation
-("20:4:50000" for the CCN family, "10:5" for T-BPTT), the hyperparameters a spec may set (with
-their types, defaults and valid ranges), and how to turn a run into the learner's static
-`Config` (selects the compiled program) and traced `Hyper` (one value per run, vmapped).
+No per-learner code lives here. For a kind (a registered name such as "ccn", or an importable
+module path such as "my_package.my_learner") the learner module itself says everything: its shape
+notation (`Config.from_shape`), its static settings (the other Config fields, with their defaults),
+its traced hyperparameters (`Hyper`, with defaults and `check_hyper`), and its compute (`cost`, or
+measured from XLA when it has none). This module turns that into what spec validation, run
+identity, execution and the results table need.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-MISSING = object()
+from learners import registry
+
+MISSING = registry.MISSING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,48 +28,45 @@ class Field:
 
     static fields select the compiled program (they join the batch signature); the others
     are traced hyperparameters, arrays [B] over a batch. `check` returns a problem or None.
+    `type` is float, int, str or bool (object: any value; the learner's Config checks it).
     """
 
     name: str
-    type: type  # float, int or str
+    type: type
     default: Any = MISSING
     static: bool = False
     check: Callable[[Any], str | None] | None = None
     doc: str = ""
 
 
-def _positive(value) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _unit_interval(value) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
-
-
-def _rate(value) -> str | None:
-    return None if 0.0 < value <= 1.0 else "must be in (0, 1] (1.0 means no normalisation)"
-
-
-def _non_negative(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
-
-
-_DTYPE = Field("dtype", str, "float32", static=True, check=_one_of("float32", "float64"))
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LearnerKind:
-    """How the orchestrator handles one learner kind."""
+    """How the orchestrator handles one learner kind, read from the learner module."""
 
-    name: str
-    shape_fields: tuple[str, ...]  # static integer fields written as the shape string
-    shape_example: str
-    fields: tuple[Field, ...]  # everything else a spec may set
-    module: str  # the learners module: Config, Hyper, init, step, cost
+    name: str  # the registered name or module path: the `learner` of runs and results
+    module: Any
+
+    # -- what the protocol implies --------------------------------------------------------
+    @functools.cached_property
+    def shape_fields(self) -> tuple[str, ...]:
+        return registry.shape_fields(self.module)
+
+    @functools.cached_property
+    def static_defaults(self) -> dict[str, Any]:
+        return registry.static_defaults(self.module)
+
+    @functools.cached_property
+    def fields(self) -> tuple[Field, ...]:
+        """Every setting a spec may set besides the shape: hyperparameters, then static settings."""
+        hyper = tuple(
+            Field(name, float, default, check=functools.partial(registry.check_hyper, self.module, name))
+            for name, default in registry.hyper_defaults(self.module).items()
+        )
+        static = tuple(
+            Field(name, type(default) if type(default) in (str, int, float, bool) else object, default, static=True)
+            for name, default in self.static_defaults.items()
+        )
+        return hyper + static
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -76,94 +79,98 @@ class LearnerKind:
     def hyper_fields(self) -> tuple[Field, ...]:
         return tuple(f for f in self.fields if not f.static)
 
-    def parse_shape(self, text: str) -> dict[str, int | None]:
-        """'20:4:50000' -> {total_columns: 20, ...}; raises ValueError with a reason for people."""
-        parts = [part.strip().replace("_", "") for part in str(text).split(":")]
-        if len(parts) != len(self.shape_fields):
-            raise ValueError(
-                f"{text!r} must have {len(self.shape_fields)} fields "
-                f"({':'.join(self.shape_fields)}), e.g. {self.shape_example!r}"
-            )
-        values: dict[str, int | None] = {}
-        for name, part in zip(self.shape_fields, parts, strict=True):
-            if name == "steps_per_stage" and part.lower() in ("inf", "none"):
-                values[name] = None
-                continue
-            if not part.isdigit() or int(part) < 1:
-                raise ValueError(f"{text!r}: {name} must be a positive integer, got {part!r}")
-            values[name] = int(part)
-        if self.name == "ccn" and values["total_columns"] % values["columns_per_stage"]:
-            raise ValueError(
-                f"{text!r}: total_columns ({values['total_columns']}) must be a multiple of "
-                f"columns_per_stage ({values['columns_per_stage']})"
-            )
-        return values
+    @property
+    def title(self) -> str:
+        return registry.title(self.module, self.name)
 
-    def format_shape(self, config: dict[str, Any]) -> str:
-        return ":".join("inf" if config[name] is None else str(config[name]) for name in self.shape_fields)
+    @functools.cached_property
+    def shape_example(self) -> str:
+        example = getattr(self.module, "SHAPE_EXAMPLE", None)
+        if example is None:
+            candidates = registry.candidate_shapes(self.module, 1, {})
+            example = candidates[0] if candidates else "..."
+        return example
 
-    def family(self, config: dict[str, Any]) -> str:
-        """A readable default name: columnar / constructive / ccn / tbptt."""
-        if self.name != "ccn":
+    @property
+    def cost_source(self) -> str:
+        return registry.cost_source(self.module)
+
+    # -- shapes and configs ------------------------------------------------------------------
+    def parse_shape(self, text: str, n_inputs: int = 1, static: dict[str, Any] | None = None) -> dict[str, Any]:
+        """'20:4:50000' -> {total_columns: 20, ...} (the shape fields); ValueError with a reason for people."""
+        cfg = self.module.Config.from_shape(text, n_inputs, **{**self.static_defaults, **(static or {})})
+        return {name: getattr(cfg, name) for name in self.shape_fields}
+
+    def identity(self, cfg) -> dict[str, Any]:
+        """A run's `config`: the shape fields and static settings of a Config."""
+        return registry.identity(self.module, cfg)
+
+    def format_shape(self, config: dict[str, Any], n_inputs: int = 1) -> str:
+        return self.make_config(config, n_inputs).shape
+
+    def family(self, config: dict[str, Any], n_inputs: int = 1) -> str:
+        """A readable default name (a CCN N:N:inf is "columnar"); the kind unless the learner says."""
+        try:
+            cfg = self.make_config(config, n_inputs)
+        except (TypeError, ValueError):
             return self.name
-        if config["columns_per_stage"] == config["total_columns"]:
-            return "columnar"
-        if config["columns_per_stage"] == 1:
-            return "constructive"
-        return "ccn"
+        return registry.family(self.module, self.name, cfg)
 
-    # -- building the learner (imports JAX lazily: parsing a spec stays cheap) ----------------
     def learners_module(self):
-        import importlib
-
-        return importlib.import_module(self.module)
+        return self.module
 
     def make_config(self, config: dict[str, Any], n_inputs: int):
         """The learner's static Config for a run's `config` dict (shape fields + static fields)."""
-        return self.learners_module().Config(n_inputs=n_inputs, **config)
+        return registry.make_config(self.module, config, n_inputs)
 
     def make_hyper(self, hyper: dict[str, Any]):
         """The learner's Hyper; values may be Python scalars or arrays [B]."""
-        return self.learners_module().Hyper(**hyper)
+        return self.module.Hyper(**hyper)
 
     def cost(self, config: dict[str, Any], n_inputs: int):
         """learners.compute.Cost of one learner of this shape on a task with `n_inputs`."""
-        return self.learners_module().cost(self.make_config(config, n_inputs))
+        return registry.cost(self.module, self.make_config(config, n_inputs))
 
 
-CCN = LearnerKind(
-    name="ccn",
-    shape_fields=("total_columns", "columns_per_stage", "steps_per_stage"),
-    shape_example="20:4:50000",
-    module="learners.ccn",
-    fields=(
-        Field(
-            "step_size",
-            float,
-            check=_positive,
-            doc="alpha of the columns; the head uses alpha / active columns",
-        ),
-        Field("lam", float, 0.99, check=_unit_interval, doc="TD(lambda) trace decay"),
-        Field("normalization_rate", float, 0.99999, check=_rate, doc="EMA decay of the normalisers"),
-        Field("std_cap", float, 0.01, check=_non_negative, doc="floor on the normalisers' variance"),
-        _DTYPE,
-    ),
-)
+@functools.cache
+def _kind(name: str, module_id: int) -> LearnerKind:
+    return LearnerKind(name, registry.resolve(name))
 
-TBPTT = LearnerKind(
-    name="tbptt",
-    shape_fields=("truncation", "hidden"),
-    shape_example="10:5",
-    module="learners.tbptt",
-    fields=(
-        Field("step_size", float, check=_positive, doc="alpha"),
-        Field("lam", float, 0.99, check=_unit_interval, doc="TD(lambda) trace decay"),
-        Field("variant", str, "recompute", static=True, check=_one_of("recompute", "stale")),
-        _DTYPE,
-    ),
-)
 
-LEARNER_KINDS: dict[str, LearnerKind] = {kind.name: kind for kind in (CCN, TBPTT)}
+def learner_kind(name: str) -> LearnerKind:
+    """The LearnerKind of a registered name or importable module path.
+
+    Raises LookupError (an unknown name) or ValueError (a path that does not import or does not
+    follow the protocol), each with a message for people.
+    """
+    module = registry.resolve(name)
+    return _kind(registry.canonical_name(name), id(module))
+
+
+def unknown_kind_message(kind: Any) -> str:
+    """'unknown kind ...; did you mean ...' for a learner kind that is neither registered nor a path."""
+    known = list(registry.names())
+    close = difflib.get_close_matches(str(kind), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (expected one of: {', '.join(known)})"
+    return f"unknown kind {kind!r}{hint} (or an importable module path such as 'my_package.my_learner')"
+
+
+class _Kinds(Mapping):
+    """The registered learner kinds by name (resolved on use: a later `registry.register` shows)."""
+
+    def __getitem__(self, name: str) -> LearnerKind:
+        if name not in registry.names():
+            raise KeyError(name)
+        return learner_kind(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.names())
+
+    def __len__(self) -> int:
+        return len(registry.names())
+
+
+LEARNER_KINDS: Mapping[str, LearnerKind] = _Kinds()
 
 
 def is_finite_number(value: Any) -> bool:

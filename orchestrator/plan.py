@@ -18,6 +18,9 @@ from typing import Any
 from orchestrator.runs import Run
 
 CPU_MAX_BATCH = 32  # runs per vmapped batch on a CPU core: throughput is flat from ~8 to 32, lower at 64
+# runs per batch when the actors are not counted in advance (an elastic cluster): the smallest batch
+# at full per-core throughput, so a sweep spreads over as many nodes as the cluster will add
+CPU_ELASTIC_BATCH = 8
 GPU_MAX_BATCH = 4096  # runs per vmapped batch on one GPU
 
 
@@ -73,7 +76,7 @@ def plan_batches(
     sweep: str,
     runs: Iterable[Run],
     *,
-    workers: int,
+    workers: int | None,
     batch_size: int | None = None,
     accelerator: str = "cpu",
     resumable: Iterable[tuple[Iterable[str], int]] = (),
@@ -81,7 +84,9 @@ def plan_batches(
     """Group `runs` by signature and cut each group into near-equal batches.
 
     batch_size None (auto): at most `max_batch_size(accelerator)` and small enough that every
-    one of `workers` actors gets work. Batches come largest-work first (learner-steps x runs).
+    one of `workers` actors gets work; with workers None (an elastic cluster, whose size the
+    plan must not depend on) batches of CPU_ELASTIC_BATCH runs, one actor each. Batches come
+    largest-work first (learner-steps x runs).
     resumable: (run keys, padded size) of checkpointed batches; one whose runs are all still to
     run is kept exactly as it was (same batch key), so it resumes from its checkpoint.
     """
@@ -102,7 +107,10 @@ def plan_batches(
     if total == 0:
         return []
     if batch_size is None:
-        batch_size = max(1, min(max_batch_size(accelerator), math.ceil(total / max(1, workers))))
+        if workers is None:
+            batch_size = min(max_batch_size(accelerator), CPU_ELASTIC_BATCH)
+        else:
+            batch_size = max(1, min(max_batch_size(accelerator), math.ceil(total / max(1, workers))))
     for group in groups.values():
         count = math.ceil(len(group) / batch_size)
         base, extra = divmod(len(group), count)

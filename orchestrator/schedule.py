@@ -2,21 +2,27 @@
 
 The driver owns the plan (a queue of batches); actors own nothing durable. Each actor holds a
 `BatchExecutor` (compiled programs, one per static signature) and declares its resources
-(`num_cpus`, `num_gpus`); actors are spread over the cluster's nodes. When an actor is idle the
-driver hands it the next batch, preferring one whose program that actor already compiled. A
-batch that raises is retried (a dead actor is replaced) up to `max_attempts` tries, then
-recorded as failed. Ctrl-C stops the actors; what was written stays written.
+(`num_cpus`, `num_gpus`); actors are spread over the cluster's nodes. The driver asks Ray for
+one actor per batch waiting (demand-driven: pending actors are what makes an autoscaler add
+nodes) and kills each actor as soon as nothing is left for it (so idle nodes can go). When an
+actor is idle the driver hands it the next batch, preferring one whose program that actor
+already compiled. A batch that raises is retried up to `max_attempts` tries, then recorded as
+failed; a batch whose actor or node is lost goes back to the queue without using a try
+(preemption is not failure). Ctrl-C stops the actors; what was written stays written.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +34,7 @@ from orchestrator.results import ResultsStore
 
 WAIT_SECONDS = 0.5  # how often the progress line refreshes while batches run
 MAX_FAILED_STARTS = 3  # replacement actors per wanted actor that may die in a row before the sweep stops
+MAX_PREEMPTIONS = 10  # times a batch's actor may be lost under it (free retries) before the batch is failed
 CPU_ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"  # one core per CPU actor
 
 
@@ -36,35 +43,55 @@ class ClusterError(RuntimeError):
 
 
 def claim_core(lock_dir: str | None = None) -> int | None:
-    """Pin this process to one CPU core that no other live process of this machine claimed.
+    """Pin this process to one CPU core that no other live process of this user on this machine claimed.
 
     XLA:CPU sizes its thread pool from the process's CPU affinity: an unpinned one-core actor
     runs ~1.8 threads busy on 2 cores for no gain (measured: 1.82 CPU-seconds per second, and
     13% slower than pinned), so actors on one machine crowd each other out. The claim is an
-    exclusive flock on `<lock_dir>/core-<i>.lock` (default /tmp/ccn-sweeps-cores), held for the
-    life of the process (the kernel drops it when the process dies, however it dies), so actors
-    of different Ray nodes on one machine pick different cores. Returns the core, or None when
-    every core is claimed (then nothing is pinned). Call before JAX starts its backend.
+    exclusive flock on `<lock_dir>/core-<i>.lock`, held for the life of the process (the kernel
+    drops it when the process dies, however it dies), so actors of different Ray nodes on one
+    machine pick different cores. The folder is private to the user: `lock_dir`, else
+    $CCN_CORE_LOCK_DIR, else /tmp/ccn-sweeps-cores-<uid>; it is created with mode 0700 and used
+    only when it is a real folder (not a symlink) that this user owns and no one else can write.
+    Returns the core, or None when every core is claimed or the locks cannot be used (then
+    nothing is pinned: a lock problem never stops an actor). Call before JAX starts its backend.
     """
     import fcntl
+    import stat
 
-    # one folder per machine, whatever temporary folder each Ray node gives its workers
-    folder = lock_dir or os.environ.get("CCN_CORE_LOCK_DIR") or "/tmp/ccn-sweeps-cores"
-    os.makedirs(folder, exist_ok=True)
-    for core in sorted(os.sched_getaffinity(0)):
-        handle = open(os.path.join(folder, f"core-{core}.lock"), "a")  # noqa: SIM115 - held open on purpose
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        _CLAIMED.append(handle)
-        os.sched_setaffinity(0, {core})
-        return core
+    # one folder per user and machine, whatever temporary folder each Ray node gives its workers
+    default = os.path.join(CORE_LOCK_BASE, f"ccn-sweeps-cores-{os.geteuid()}")
+    folder = lock_dir or os.environ.get("CCN_CORE_LOCK_DIR") or default
+    log = logging.getLogger(__name__)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            log.warning("ccn: core locks in %s not used (not a folder only this user can write); not pinned", folder)
+            return None
+        for core in sorted(os.sched_getaffinity(0)):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            descriptor = os.open(os.path.join(folder, f"core-{core}.lock"), flags, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(descriptor)
+                continue
+            try:
+                os.sched_setaffinity(0, {core})
+            except OSError:
+                os.close(descriptor)
+                raise
+            _CLAIMED.append(descriptor)
+            return core
+    except (OSError, ValueError) as error:  # never stop the actor: run unpinned
+        log.warning("ccn: core locks in %s not usable (%s); cores not pinned", folder, error)
     return None
 
 
-_CLAIMED: list = []  # the open lock file of this process's core (kept open: closing would release it)
+CORE_LOCK_BASE = "/tmp"  # the default lock folder's parent (shared by every Ray node of the machine)
+_CLAIMED: list[int] = []  # the open lock file of this process's core (kept open: closing would release it)
 
 
 class BatchWorker:
@@ -88,13 +115,39 @@ class BatchWorker:
         return True
 
     def run_batch(self, batch: Batch, attempt: int) -> dict[str, Any]:
-        """Run and write one batch (resuming from its checkpoint); returns a summary for the driver."""
+        """Run and write one batch (resuming from its checkpoint); returns a summary for the driver.
+
+        A batch whose runs file exists already is not computed again: an earlier actor wrote it
+        and was lost before its reply reached the driver. Its summary says `existing`.
+        """
         started = time.perf_counter()
+        runs = self._written_runs(batch)
+        if runs is not None:
+            self.store.delete_checkpoint(batch.batch_key)
+            return {**self._summary(batch, runs, started), "compute_seconds": 0.0, "existing": True}
         runs, metrics = self.executor.tables(
             batch, attempt, checkpoints=self.store, checkpoint_every=self.checkpoint_every
         )
         self.store.write_batch(batch.learner, batch.task, batch.batch_key, runs, metrics)
         self.store.delete_checkpoint(batch.batch_key)
+        return self._summary(batch, runs, started)
+
+    def _written_runs(self, batch: Batch):
+        """The batch's runs table if its runs file exists and reads back whole, else None."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        path = self.store.batch_path("runs", batch.learner, batch.task, batch.batch_key)
+        try:
+            if self.store.filesystem.get_file_info(path).type != pafs.FileType.File:
+                return None
+            runs = pq.read_table(path, filesystem=self.store.filesystem)
+        except Exception:  # noqa: BLE001 - unreadable: compute the batch again and replace the file
+            return None
+        expected = sorted(run.run_key for run in batch.runs)
+        return runs if "run_key" in runs.column_names and sorted(runs["run_key"].to_pylist()) == expected else None
+
+    def _summary(self, batch: Batch, runs, started: float) -> dict[str, Any]:
         statuses = runs["status"].to_pylist()
         resumed = runs["resumed_from_step"][0].as_py() if len(statuses) else None
         return {
@@ -107,6 +160,7 @@ class BatchWorker:
             "node": self.executor.node,
             "pid": os.getpid(),
             "resumed_from_step": resumed,
+            "existing": False,
         }
 
 
@@ -125,6 +179,9 @@ class SweepOutcome:
     node_batches: dict = field(default_factory=dict)  # Ray node id -> batches it finished
     resumed_batches: int = 0  # batches that continued from a checkpoint
     stopped: str | None = None  # why the sweep stopped with batches left (actors cannot start), for people
+    preempted: int = 0  # times a batch went back to the queue because its actor or node was lost
+    already_written: int = 0  # batches found written by an actor lost before it replied (not recomputed)
+    actors_started: int = 0  # actors asked of Ray (placed or not)
 
     @property
     def runs_failed(self) -> int:
@@ -208,28 +265,43 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
 
 @dataclass(frozen=True)
 class Workers:
-    """The actors a cluster fits: `cpu` one-core actors and `gpu` one-GPU actors.
+    """The actors a sweep may hold at once: `cpu` one-core actors and `gpu` one-GPU actors.
 
-    cpu_nodes: (node id, CPUs) of the nodes without GPUs, where the CPU actors go.
+    cpu None: no fixed number (an elastic cluster): one CPU actor per queued batch, up to what
+    the cluster can place; the actors Ray cannot place yet stay pending, which is the demand an
+    autoscaler adds nodes for. cpu_nodes: (node id, CPUs) of the GPU-less nodes alive at the
+    start, where the first CPU actors go (one per CPU, spread).
     """
 
-    cpu: int
+    cpu: int | None
     gpu: int = 0
     cpu_nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def accelerator(self) -> str:
         """How batches are sized: 'gpu' on an all-GPU cluster, else 'cpu' (GPU actors merge them)."""
-        return "gpu" if self.gpu and not self.cpu else "cpu"
+        return "gpu" if self.gpu and self.cpu == 0 else "cpu"
 
     @property
-    def planned(self) -> int:
-        """The actors the plan cuts batches for (a GPU actor merges CPU-sized batches)."""
+    def planned(self) -> int | None:
+        """The actors the plan cuts batches for (a GPU actor merges CPU-sized batches); None: not
+        counted in advance (plan.plan_batches then cuts batches of plan.CPU_ELASTIC_BATCH runs)."""
         return self.gpu if self.accelerator == "gpu" else self.cpu
 
+    def describe(self) -> str:
+        """The actors, for people: '2 CPU', 'up to 8 CPU', 'one CPU per batch' (+ GPU ones)."""
+        cpu = "one CPU actor per batch" if self.cpu is None else f"up to {self.cpu} CPU actors"
+        return cpu + (f" and {self.gpu} GPU actors" if self.gpu else "")
 
-def cluster_workers() -> Workers:
-    """The connected cluster's actors: one per GPU, and one per CPU of the nodes without a GPU."""
+
+def cluster_workers(max_actors: int | None = None, elastic: bool = True) -> Workers:
+    """The actors the connected cluster's sweep may hold: one per GPU alive, plus CPU actors.
+
+    elastic (a cluster the sweep attached to, which may grow): CPU actors follow the queue (one
+    per batch), up to `max_actors` in all when given; the nodes alive now do not limit them.
+    Not elastic (the embedded local Ray): one CPU actor per CPU of the GPU-less nodes, at most
+    `max_actors`. A cluster with GPUs and no GPU-less node alive is all-GPU: GPU actors only.
+    """
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -239,24 +311,40 @@ def cluster_workers() -> Workers:
         for node in nodes
         if not node["Resources"].get("GPU") and int(node["Resources"].get("CPU", 0)) > 0
     )
-    cpus = sum(count for _, count in cpu_nodes)
-    if not gpus and not cpus:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if max_actors is not None:
+        gpus = min(gpus, max_actors)
+    if gpus and not cpu_nodes:
+        return Workers(cpu=0, gpu=gpus)  # all-GPU: GPU-sized batches on GPU actors
+    if elastic:
+        cpus = None if max_actors is None else max(0, max_actors - gpus)
+    else:
+        cpus = max(1, sum(count for _, count in cpu_nodes))
+        cpus = cpus if max_actors is None else max(0, min(cpus, max_actors - gpus))
+    if cpus == 0 and not gpus:
+        cpus = 1  # max_actors >= 1 always leaves room for one actor
     return Workers(cpu=cpus, gpu=gpus, cpu_nodes=cpu_nodes)
 
 
-def merge_for_gpu(queue: collections.deque, first: tuple[Batch, int], limit: int) -> tuple[Batch, int]:
+def merge_for_gpu(
+    queue: collections.deque, first: tuple[Batch, int], limit: int, keep: Collection[str] = (), leave: int = 0
+) -> tuple[Batch, int]:
     """`first` plus queued first-try batches of its signature, up to `limit` runs, as one batch.
 
     The merged batch is padded to a power of two (a GPU actor compiles each signature at most
-    log2(limit) times). A batch on a retry stays as it was (its checkpoint is keyed by it).
+    log2(limit) times). A batch on a retry, or whose key is in `keep` (a preempted batch, which
+    may have a checkpoint), stays as it was (its checkpoint is keyed by it). At least `leave`
+    batches stay in the queue (for the CPU actors).
     """
     batch, attempt = first
-    if attempt > 1:
+    if attempt > 1 or batch.batch_key in keep:
         return first
     runs = list(batch.runs)
     for queued in list(queue):
+        if len(queue) <= leave:
+            break
         other, other_attempt = queued
+        if other.batch_key in keep:
+            continue
         if other_attempt == 1 and other.signature == batch.signature and len(runs) + len(other.runs) <= limit:
             runs.extend(other.runs)
             queue.remove(queued)
@@ -264,6 +352,18 @@ def merge_for_gpu(queue: collections.deque, first: tuple[Batch, int], limit: int
         return first
     padded = 1 << (len(runs) - 1).bit_length()
     return Batch(sweep=batch.sweep, runs=tuple(runs), padded_size=min(max(padded, batch.padded_size), limit)), 1
+
+
+def is_preemption(error: BaseException) -> bool:
+    """Whether a batch's error means its actor, node or reply was lost (not the batch's own code).
+
+    RayTaskError: the batch's code raised (an attempt). Any other RayError (RayActorError and
+    its ActorDiedError / ActorUnavailableError, node death, OwnerDiedError, ObjectLostError,
+    Ray's out-of-memory kill) is a preemption: the batch goes back to the queue for free.
+    """
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(error, RayError) and not isinstance(error, RayTaskError)
 
 
 def run_batches(
@@ -279,32 +379,42 @@ def run_batches(
     progress: Progress | None = None,
     on_batch_done=None,
     worker_class: type = None,
+    max_preemptions: int | None = None,
 ) -> SweepOutcome:
-    """Run `batches` on the actors of the connected Ray cluster (ray.init done).
+    """Run `batches` on actors of the connected Ray cluster (ray.init done).
 
-    workers: a Workers (cluster_workers()), or a number of actors of kind `accelerator`. On a
+    workers: a Workers (cluster_workers()), or a number of actors of kind `accelerator`.
+    Demand-driven: the driver asks Ray for one actor per batch waiting (up to workers.cpu CPU
+    actors, unbounded when None, plus workers.gpu GPU actors); actors Ray cannot place yet stay
+    pending, and an autoscaler adds nodes for them. A new actor gets work once it answers. An
+    idle actor with nothing left to take is killed at once, and pending ones beyond the batches
+    waiting are cancelled, so an autoscaler can remove idle nodes while the sweep drains. On a
     cluster with GPU and CPU-only nodes, CPU actors run the planned batches and each GPU actor
     takes several batches of one signature at a time, merged up to GPU_MAX_BATCH runs.
-    An actor lost with its process or node is replaced once the cluster has room (a new actor
-    must answer before it gets work); its batch goes back to the queue for any live actor. When
-    replacements keep dying before they answer (MAX_FAILED_STARTS per actor in a row, nothing
+
+    Attempts count errors of the batch's own code (RayTaskError): up to `max_attempts` tries,
+    then it is recorded as failed. Preemption is not failure: a batch whose actor, node or reply
+    is lost (is_preemption) goes back to the queue without using an attempt, and its actor is
+    replaced; the next actor skips the compute when the lost one had written the runs file, and
+    resumes from the batch's last checkpoint (checkpoint_every steps; 0: none) otherwise. A batch
+    whose actors are lost more than `max_preemptions` times (default MAX_PREEMPTIONS: a batch
+    that kills its own actor, e.g. out of memory) is recorded as failed, saying so. When new
+    actors keep dying before they answer (MAX_FAILED_STARTS per actor in a row, nothing
     finishing in between), no more are started; the live actors drain the queue, and when none
     is left the sweep stops with `outcome.stopped` saying why (instead of starting actors forever).
-    checkpoint_every: steps between a batch's checkpoints (0: none); a retried batch resumes
-    from its last checkpoint.
     on_batch_done(batch): called in the driver after a batch's results are written (must return
     at once, e.g. orchestrator.tracking.Tracker.batch_done).
     worker_class: the actor body (default BatchWorker).
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import GetTimeoutError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from orchestrator.plan import GPU_MAX_BATCH
 
     if not isinstance(workers, Workers):
         workers = Workers(cpu=0, gpu=workers) if accelerator == "gpu" else Workers(cpu=workers)
-    outcome = SweepOutcome(workers=workers.cpu + workers.gpu)
+    max_preemptions = MAX_PREEMPTIONS if max_preemptions is None else max_preemptions
     started = time.perf_counter()
     store = ResultsStore(results_root, sweep)
     remote_worker = ray.remote(worker_class or BatchWorker)
@@ -313,33 +423,41 @@ def run_batches(
     gpu_options = {**base, "num_gpus": 1}
     arguments = (results_root, sweep, compilation_cache_dir, checkpoint_every)
     cpu_slots = [node for node, cpus in workers.cpu_nodes for _ in range(cpus)]
-    gpu_actors: set = set()
+    cpu_limit = len(batches) if workers.cpu is None else workers.cpu
+    limits = {"gpu": min(workers.gpu, len(batches)), "cpu": min(cpu_limit, len(batches))}
+    outcome = SweepOutcome(workers=limits["gpu"] + limits["cpu"])
+    kind_of: dict[Any, str] = {}  # every actor held (joining, idle or busy) -> "cpu" | "gpu"
+    slots_used = 0
 
-    def new_actor(kind: str, slot: int | None = None):
+    def new_actor(kind: str):
+        nonlocal slots_used
         if kind == "gpu":
             actor = remote_worker.options(**gpu_options).remote(*arguments)
-            gpu_actors.add(actor)
-            return actor
-        if slot is not None and slot < len(cpu_slots):  # soft: the node if it has room, else anywhere
-            strategy = NodeAffinitySchedulingStrategy(cpu_slots[slot], soft=True)
-            return remote_worker.options(**{**cpu_options, "scheduling_strategy": strategy}).remote(*arguments)
-        return remote_worker.options(**cpu_options).remote(*arguments)
+        elif slots_used < len(cpu_slots):  # soft: that node if it has room, else anywhere
+            strategy = NodeAffinitySchedulingStrategy(cpu_slots[slots_used], soft=True)
+            actor = remote_worker.options(**{**cpu_options, "scheduling_strategy": strategy}).remote(*arguments)
+            slots_used += 1
+        else:
+            actor = remote_worker.options(**cpu_options).remote(*arguments)
+        kind_of[actor] = kind
+        outcome.actors_started += 1
+        return actor
+
+    def release(actor) -> None:
+        kind_of.pop(actor, None)
+        compiled.pop(actor, None)
+        with contextlib.suppress(Exception):  # already dead: nothing to release
+            ray.kill(actor, no_restart=True)
 
     queue: collections.deque[tuple[Batch, int]] = collections.deque((batch, 1) for batch in batches)
-    wanted = [("gpu", None)] * workers.gpu + [("cpu", slot) for slot in range(workers.cpu)]
-    wanted = wanted[: len(batches)]  # GPU actors first
-    compiled: dict[Any, set] = {}
+    preempted: dict[str, int] = {}  # batch key -> times its actor was lost under it
+    compiled: dict[Any, set] = {}  # actors that answered -> signatures they compiled
     idle: list = []
-    for kind, slot in wanted:
-        actor = new_actor(kind, slot)
-        compiled[actor] = set()
-        idle.append(actor)
-    lost: list[str] = []  # kinds of actors lost, to replace when the cluster has room
-    joining: dict[Any, Any] = {}  # ping ref -> replacement actor not yet known to be placed
+    joining: dict[Any, Any] = {}  # ping ref -> new actor not yet known to be placed and started
     in_flight: dict[Any, tuple[Any, Batch, int]] = {}
-    failed_starts = 0  # replacement actors in a row that died before answering
+    failed_starts = 0  # new actors in a row that died before answering
     last_start_error = ""
-    start_limit = MAX_FAILED_STARTS * max(1, len(wanted))
+    start_limit = MAX_FAILED_STARTS * max(1, limits["gpu"] + limits["cpu"])
 
     def next_for(actor) -> tuple[Batch, int]:
         chosen = None
@@ -350,25 +468,59 @@ def run_batches(
                 break
         if chosen is None:
             chosen = queue.popleft()
-        if actor in gpu_actors and workers.accelerator == "cpu":
-            chosen = merge_for_gpu(queue, chosen, GPU_MAX_BATCH)
+        if kind_of[actor] == "gpu" and workers.accelerator == "cpu":
+            # leave a batch for each CPU actor the GPU-less nodes alive at the start can place now
+            cpu_actors = sum(1 for kind in kind_of.values() if kind == "cpu")
+            chosen = merge_for_gpu(queue, chosen, GPU_MAX_BATCH, keep=preempted, leave=min(len(cpu_slots), cpu_actors))
         return chosen
 
-    def room_for(kind: str) -> bool:
-        available = ray.available_resources()
-        return available.get("GPU" if kind == "gpu" else "CPU", 0) >= 1
+    def follow_demand() -> None:
+        """Hold one actor per batch queued or running (up to the limits): ask for missing ones,
+        cancel pending ones beyond the queue, kill idle ones when the queue is empty."""
+        nonlocal idle
+        if not queue:
+            for actor in idle:
+                release(actor)
+            idle = []
+        surplus = len(kind_of) - len(queue) - len(in_flight)
+        for ref in reversed(list(joining)):  # the newest first: the least likely to be placed yet
+            if surplus <= 0:
+                break
+            release(joining.pop(ref))
+            surplus -= 1
+        if failed_starts >= start_limit:
+            return
+        needed = len(queue) + len(in_flight)
+        for kind in ("gpu", "cpu"):
+            held = sum(1 for k in kind_of.values() if k == kind)
+            while held < limits[kind] and len(kind_of) < needed:
+                actor = new_actor(kind)
+                joining[actor.ready.remote()] = actor
+                held += 1
+
+    def give_up(batch: Batch, attempts: int, message: str) -> None:
+        run_keys = [run.run_key for run in batch.runs]
+        try:
+            store.record_failure(batch.batch_key, run_keys, attempts, message)
+        except Exception as error:  # noqa: BLE001 - the sweep goes on; the failure is in the outcome
+            warning = f"ccn: warning: could not record the failure of batch {batch.batch_key[:12]}: {error}"
+            if progress:
+                progress.message(warning)
+            else:
+                print(warning, file=sys.stderr)
+        outcome.failed_batches.append({"batch_key": batch.batch_key, "run_keys": run_keys, "error": message})
+        if progress:
+            progress.failed(batch, message)
 
     try:
         while queue or in_flight:
+            follow_demand()
             if failed_starts >= start_limit and not compiled and not joining:  # no live actor, none can start
                 outcome.stopped = (
                     f"{failed_starts} actors in a row died before they could take a batch, so the cluster "
                     f"cannot run this sweep's actors; the last one: {last_start_error}"
                 )
                 break
-            if lost and failed_starts < start_limit and (not compiled or room_for(lost[0])):
-                actor = new_actor(lost.pop(0))
-                joining[actor.ready.remote()] = actor
             while idle and queue:
                 actor = idle.pop()
                 batch, attempt = next_for(actor)
@@ -378,7 +530,7 @@ def run_batches(
             waiting = list(in_flight) + list(joining)
             if waiting:
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_SECONDS)
-            else:  # every actor lost and no room for a replacement yet: wait for the cluster to grow
+            else:  # every actor lost and none may start: the check above stops the sweep
                 ready = []
                 time.sleep(WAIT_SECONDS)
             if progress:
@@ -388,8 +540,8 @@ def run_batches(
                     actor = joining.pop(ref)
                     try:
                         ray.get(ref, timeout=0)
-                    except (RayActorError, GetTimeoutError) as error:
-                        lost.append("gpu" if actor in gpu_actors else "cpu")
+                    except (RayError, GetTimeoutError) as error:
+                        release(actor)
                         failed_starts += 1
                         last_start_error = _error_text(error)
                         continue
@@ -400,25 +552,28 @@ def run_batches(
                 actor, batch, attempt = in_flight.pop(ref)
                 try:
                     summary = ray.get(ref)
-                except (RayTaskError, RayActorError) as error:
-                    if isinstance(error, RayActorError):  # the actor died (its process or node): replace it
-                        del compiled[actor]
-                        lost.append("gpu" if actor in gpu_actors else "cpu")
-                    else:
-                        idle.append(actor)
+                except RayError as error:
                     message = _error_text(error)
+                    if is_preemption(error):  # the actor, its node or the reply was lost: not the batch's fault
+                        release(actor)
+                        lost = preempted[batch.batch_key] = preempted.get(batch.batch_key, 0) + 1
+                        outcome.preempted += 1
+                        if lost > max_preemptions:
+                            give_up(batch, attempt, f"its actor was lost {lost} times (node lost or preempted, "
+                                    f"or the batch kills its own actor, e.g. out of memory); the last: {message}")
+                        else:
+                            queue.appendleft((batch, attempt))  # first in line for the next actor
+                            if progress:
+                                progress.message(f"batch {batch.batch_key[:12]} lost its actor ({message}); "
+                                                 "requeued (not counted as a try)")
+                        continue
+                    idle.append(actor)
                     if attempt < max_attempts:
                         queue.append((batch, attempt + 1))
                         if progress:
                             progress.retried(batch, attempt, message)
                     else:
-                        run_keys = [run.run_key for run in batch.runs]
-                        store.record_failure(batch.batch_key, run_keys, attempt, message)
-                        outcome.failed_batches.append(
-                            {"batch_key": batch.batch_key, "run_keys": run_keys, "error": message}
-                        )
-                        if progress:
-                            progress.failed(batch, message)
+                        give_up(batch, attempt, message)
                     continue
                 idle.append(actor)
                 compiled[actor].add(batch.signature)
@@ -431,7 +586,10 @@ def run_batches(
                     outcome.actor_compute_seconds.get(actor_key, 0.0) + summary["compute_seconds"]
                 )
                 outcome.node_batches[summary["node"]] = outcome.node_batches.get(summary["node"], 0) + 1
-                outcome.resumed_batches += summary["resumed_from_step"] is not None
+                if summary.get("existing"):
+                    outcome.already_written += 1
+                else:
+                    outcome.resumed_batches += summary["resumed_from_step"] is not None
                 if progress:
                     progress.finished(batch, summary)
                 if on_batch_done:
@@ -439,8 +597,8 @@ def run_batches(
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
-        for actor in list(compiled) + list(joining.values()):
-            ray.kill(actor, no_restart=True)
+        for actor in list(kind_of):
+            release(actor)
         outcome.seconds = time.perf_counter() - started
     return outcome
 

@@ -15,20 +15,28 @@ import pyarrow as pa
 from orchestrator.learner_kinds import LEARNER_KINDS
 from orchestrator.task_kinds import TASK_KINDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("complete", "diverged")
 
-_ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string()}
+_ARROW_TYPES = {float: pa.float64(), int: pa.int64(), str: pa.string(), bool: pa.bool_()}
+# The learners whose shape fields and settings have typed columns (schema versions 1-3). Registering
+# another learner does not change the schema: its settings without a column of their own go to
+# `learner_settings` (JSON); a later schema version may add columns for them.
+TYPED_LEARNERS = ("ccn", "tbptt")
 
 
 def _learner_setting_fields() -> list[pa.Field]:
-    """Shape, static and hyperparameter columns of every learner kind (union by name)."""
+    """Shape, static and hyperparameter columns of the TYPED_LEARNERS (union by name).
+
+    A setting without a column (an external learner's, or of a type without one) goes to the
+    `learner_settings` JSON column instead (execute.runs_row)."""
     seen: dict[str, pa.Field] = {}
-    for kind in LEARNER_KINDS.values():
+    for kind in (LEARNER_KINDS[name] for name in TYPED_LEARNERS):
         for name in kind.shape_fields:
             seen.setdefault(name, pa.field(name, pa.int64()))
         for field in kind.fields:
-            seen.setdefault(field.name, pa.field(field.name, _ARROW_TYPES[field.type]))
+            if field.type in _ARROW_TYPES:
+                seen.setdefault(field.name, pa.field(field.name, _ARROW_TYPES[field.type]))
     return list(seen.values())
 
 
@@ -72,6 +80,9 @@ RUNS_SCHEMA = pa.schema(
         # schema version 2
         pa.field("node", pa.string()),  # the Ray node id that ran the batch (null outside Ray)
         pa.field("resumed_from_step", pa.int64()),  # the checkpoint's step this attempt resumed from; null: step 0
+        # schema version 3
+        pa.field("learner_settings", pa.string()),  # JSON of the settings without a column of their own; null: none
+        pa.field("cost_source", pa.string()),  # analytic (the learner's cost) | measured (XLA's cost analysis)
     ],
     metadata={"ccn_sweeps.table": "runs", "ccn_sweeps.schema_version": str(SCHEMA_VERSION)},
 )
@@ -89,6 +100,29 @@ METRICS_SCHEMA = pa.schema(
 )
 
 TABLES = {"runs": RUNS_SCHEMA, "metrics": METRICS_SCHEMA}
+
+# -- column roles of the runs table: the one definition analysis and `ccn compare` use -------------
+SHAPE_COLUMNS = tuple(dict.fromkeys(name for learner in TYPED_LEARNERS for name in LEARNER_KINDS[learner].shape_fields))
+RUN_LENGTH_COLUMNS = ("steps", "log_every")
+# a setting (`config` in analysis): the hyperparameters and the run length; runs of two settings are never averaged
+SETTING_COLUMNS = (*(c for c in LEARNER_SETTING_COLUMNS if c not in SHAPE_COLUMNS), "learner_settings",
+                   *RUN_LENGTH_COLUMNS)
+# a learner of the selection rule: its settings compete; the run length is part of it, so runs of
+# different lengths (an edited `steps`) never compete either
+LEARNER_COLUMNS = ("task", "learner", "learner_name", "shape", *RUN_LENGTH_COLUMNS)
+IDENTITY_COLUMNS = ("run_key", "sweep", "learner", "learner_name", "shape", "task", "task_kind", "task_params",
+                    "n_inputs", "seed")  # fmt: skip
+# measured or recorded about a run, never part of its setting
+OUTCOME_COLUMNS = ("params", "learning_params", "flops_per_step", "paper_ops_per_step", "status", "diverged_at_step",
+                   "batch_key", "batch_size", "wall_seconds", "attempt", "host", "device", "package_version",
+                   "schema_version", "finished_at", "node", "resumed_from_step", "cost_source")  # fmt: skip
+COLUMN_ROLES = {  # runs column -> identity | shape | setting | outcome
+    **dict.fromkeys(IDENTITY_COLUMNS, "identity"),
+    **dict.fromkeys(SHAPE_COLUMNS, "shape"),
+    **dict.fromkeys(SETTING_COLUMNS, "setting"),
+    **dict.fromkeys(OUTCOME_COLUMNS, "outcome"),
+}
+# every runs column has exactly one role (tests/test_analysis.py checks it: give a new column its role here)
 
 
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:

@@ -19,9 +19,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from orchestrator.learner_kinds import LEARNER_KINDS, MISSING, Field, LearnerKind, is_finite_number
+from orchestrator.learner_kinds import MISSING, Field, LearnerKind, is_finite_number, learner_kind, unknown_kind_message
 from orchestrator.runs import Run, TaskSpec
-from orchestrator.task_kinds import TASK_KINDS, TaskKind, check_atari, observation_size
+from orchestrator.task_kinds import TaskKind, task_kind, unknown_task_message
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TOP_LEVEL_KEYS = (
@@ -43,6 +43,9 @@ TASK_KEYS = ("kind", "name")
 DEFAULT_MAX_ATTEMPTS = 3
 CHECKPOINT_TARGET_STEPS = 1_000_000  # "auto": checkpoint about every million steps
 DEFAULT_EVALUATION_SEEDS = 5  # fresh seeds per winner in `ccn run SPEC --stage evaluate`
+EVALUATION_SUFFIX = ".evaluation"  # `<name>.evaluation`: a sweep's evaluation-stage results folder (reserved)
+MAX_STEPS = 2**31 - 1  # the learners' step counter `t` and the divergence guard's counter are int32
+MAX_SEED = 2**32 - 1  # seeds become uint32 PRNG seeds on the device
 
 
 class SpecError(ValueError):
@@ -76,6 +79,28 @@ class Sweep:
         """The evaluation stage's seeds: `evaluation_seeds` fresh ones after the largest selection seed."""
         first = max(self.seeds) + 1
         return tuple(range(first, first + self.evaluation_seeds))
+
+
+def external_packages(sweep: Sweep) -> dict[str, Path]:
+    """The top-level packages of the learners and tasks a sweep names by module path, and the folder
+    this interpreter imports each from: what a cluster job must also upload as Ray py_modules so that
+    every node can import them (docs/cluster.md). Built-in kinds are part of the project's packages."""
+    import importlib.util
+
+    import environments
+    from learners import registry
+
+    names = {run.learner for run in sweep.runs if run.learner not in registry.names()}
+    names |= {task.kind for task in sweep.tasks if task.kind not in environments.available_tasks()}
+    folders = {}
+    for name in sorted(names):
+        top = name.split(".")[0]
+        found = importlib.util.find_spec(top)
+        if found is None or not found.submodule_search_locations:
+            raise ValueError(f"{name!r}: {top!r} is not an importable package (a folder with __init__.py): "
+                             "put the module in a package so that it can be uploaded")
+        folders[top] = Path(next(iter(found.submodule_search_locations))).resolve()
+    return folders
 
 
 def is_safe_path_component(text: Any) -> bool:
@@ -130,7 +155,9 @@ class _Parser:
         self.problems: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.path}: {key}: {message}")
+        line = f"{self.path}: {key}: {message}"
+        if line not in self.problems:
+            self.problems.append(line)
 
     # -- scalars --------------------------------------------------------------------------
     def check_keys(self, table: dict, prefix: str, allowed) -> None:
@@ -138,7 +165,10 @@ class _Parser:
             if key not in allowed:
                 self.problem(f"{prefix}{key}", "unknown key" + _suggest(key, allowed))
 
-    def positive_int(self, table: dict, key: str, where: str, default: Any = MISSING) -> int | None:
+    def positive_int(
+        self, table: dict, key: str, where: str, default: Any = MISSING, maximum: tuple[int, str] | None = None
+    ) -> int | None:
+        """A positive integer (at most maximum[0], whose reason is maximum[1]), or report and return None."""
         value = table.get(key, default)
         if value is MISSING:
             self.problem(where, "missing (a positive integer)")
@@ -150,6 +180,9 @@ class _Parser:
             return None
         if value < 1:
             self.problem(where, f"must be a positive integer, got {value}")
+            return None
+        if maximum is not None and value > maximum[0]:
+            self.problem(where, f"{value:,} is too large: at most {maximum[0]:,} ({maximum[1]})")
             return None
         return value
 
@@ -166,6 +199,9 @@ class _Parser:
                 return MISSING
         elif field.type is str and not isinstance(value, str):
             self.problem(where, f"must be a string, got {_type_name(value)} {value!r}")
+            return MISSING
+        elif field.type is bool and not isinstance(value, bool):
+            self.problem(where, f"must be true or false, got {_type_name(value)} {value!r}")
             return MISSING
         if field.check is not None and (reason := field.check(value)) is not None:
             self.problem(where, f"{reason}, got {value!r}")
@@ -202,10 +238,16 @@ class _Parser:
                 f"{name!r} is not a safe folder name: use letters, digits, '.', '_' and '-' "
                 "(at most 100, starting with a letter or digit)",
             )
+        elif name.endswith(EVALUATION_SUFFIX):
+            self.problem(
+                "name",
+                f"{name!r}: names ending in {EVALUATION_SUFFIX!r} are reserved for a sweep's evaluation-stage "
+                f"results folder ({name[: -len(EVALUATION_SUFFIX)]!r} would write there): choose another name",
+            )
         description = doc.get("description", "")
         if not isinstance(description, str):
             self.problem("description", f"must be a string, got {_type_name(description)}")
-        steps = self.positive_int(doc, "steps", "steps")
+        steps = self.positive_int(doc, "steps", "steps", maximum=_STEPS_LIMIT)
         log_every = self.positive_int(doc, "log_every", "log_every", default=steps if steps else None)
         if steps and log_every and steps % log_every:
             self.problem(
@@ -225,14 +267,22 @@ class _Parser:
         evaluation_seeds = self.positive_int(
             doc, "evaluation_seeds", "evaluation_seeds", default=DEFAULT_EVALUATION_SEEDS
         )
+        if seeds and evaluation_seeds and max(seeds) + evaluation_seeds > MAX_SEED:
+            self.problem(
+                "evaluation_seeds",
+                f"the evaluation seeds follow the largest seed ({max(seeds):,}) and would pass {MAX_SEED:,} "
+                "(seeds are uint32): use smaller seeds",
+            )
 
         tasks = self.parse_tasks(doc.get("tasks", MISSING))
-        entries = self.parse_learners(doc.get("learners", MISSING))
+        entries = self.parse_learners(doc.get("learners", MISSING), tasks)
         if log_every:
             self.check_measures(tasks, log_every)
             for entry in entries:
                 if entry["steps"] and entry["steps"] % log_every:
                     self.problem(entry["prefix"] + "steps", f"must be a multiple of log_every ({log_every})")
+        if steps:
+            self.check_recordings(max([steps, *(entry["steps"] or 0 for entry in entries)]))
         if self.problems or not tasks:
             return None
         runs = self.expand(entries, tasks, seeds, steps, log_every)
@@ -277,6 +327,9 @@ class _Parser:
             if seeds < 1:
                 self.problem("seeds", f"a seed count must be >= 1, got {seeds}")
                 return []
+            if seeds > MAX_SEED + 1:
+                self.problem("seeds", f"a seed count must be at most {MAX_SEED + 1:,} (uint32 seeds), got {seeds:,}")
+                return []
             return list(range(seeds))
         if not isinstance(seeds, list):
             self.problem("seeds", f"must be a list of integers or a count, got {_type_name(seeds)}")
@@ -284,9 +337,9 @@ class _Parser:
         if not seeds:
             self.problem("seeds", "empty grid: give at least one seed")
             return []
-        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]
         if bad:
-            self.problem("seeds", f"seeds must be non-negative integers, got {bad[0]!r}")
+            self.problem("seeds", f"seeds must be integers from 0 to {MAX_SEED:,} (uint32), got {bad[0]!r}")
             return []
         if len(set(seeds)) != len(seeds):
             self.problem("seeds", f"repeated seeds in {seeds!r}")
@@ -304,22 +357,31 @@ class _Parser:
             self.problem(key, f"empty: add at least one [[{key}]] table ({what})")
         return value
 
-    def kind_of(self, table: dict, prefix: str, registry: dict) -> Any:
+    def task_kind_of(self, table: dict, prefix: str) -> TaskKind | None:
+        """The task kind a table names: a registered name or an importable module path (environments)."""
         kind = table.get("kind", MISSING)
-        if kind is MISSING:
-            self.problem(f"{prefix}kind", f"missing (one of: {', '.join(registry)})")
+        if kind is MISSING or not isinstance(kind, str):
+            import environments
+
+            got = "missing" if kind is MISSING else f"must be a string, got {_type_name(kind)} {kind!r}"
+            self.problem(f"{prefix}kind", f"{got} (one of: {', '.join(environments.available_tasks())})")
             return None
-        if not isinstance(kind, str) or kind not in registry:
-            self.problem(f"{prefix}kind", f"unknown kind {kind!r}" + _suggest(str(kind), registry))
-            return None
-        return registry[kind]
+        try:
+            return task_kind(kind)
+        except LookupError:
+            self.problem(f"{prefix}kind", unknown_task_message(kind))
+        except ValueError as error:
+            self.problem(f"{prefix}kind", str(error))
+        return None
 
     # -- tasks ----------------------------------------------------------------------------
     def parse_tasks(self, value: Any) -> list[TaskSpec]:
         tasks: list[TaskSpec] = []
+        self.task_tables: dict[TaskSpec, str] = {}  # task -> its table ("tasks[2]")
+        self.recordings: dict[TaskSpec, int] = {}  # Atari task without wrap -> its recording's frames
         for number, table in enumerate(self.tables(value, "tasks", "what the learners predict"), start=1):
             prefix = f"tasks[{number}]."
-            kind: TaskKind | None = self.kind_of(table, prefix, TASK_KINDS)
+            kind = self.task_kind_of(table, prefix)
             if kind is None:
                 continue
             params = {key: tuple(v) if isinstance(v, list) else v for key, v in table.items() if key not in TASK_KEYS}
@@ -334,27 +396,57 @@ class _Parser:
             if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
                 self.problem(prefix + "window", f"must be a positive number of steps, got {window!r}")
                 continue
-            task = self.make_task(kind, kind.resolved_params(params), table, prefix)
-            if task is not None:
-                tasks.append(task)
+            task = self.make_task(kind, params, table, prefix)
+            if task is None:
+                continue
+            same = next((t for t in tasks if (t.kind, t.identity) == (task.kind, task.identity)), None)
+            if same is not None:
+                names = f"named {same.name!r} and {task.name!r}" if same.name != task.name else f"both {task.name!r}"
+                self.problem(
+                    prefix.rstrip("."),
+                    f"the same task as {self.task_tables[same]} ({names}: same kind and parameters), so the "
+                    "same runs: remove one or change a parameter",
+                )
+                continue
+            tasks.append(task)
+            self.task_tables[task] = prefix.rstrip(".")
         seen: dict[str, TaskSpec] = {}
         for task in tasks:
-            if task.name in seen and seen[task.name] != task:
-                self.problem("tasks", f"two different tasks are named {task.name!r}: give them distinct names")
+            if task.name in seen:
+                self.problem(
+                    self.task_tables[task],
+                    f"{self.task_tables[seen[task.name]]} is also named {task.name!r}: give them distinct names",
+                )
             seen[task.name] = task
-        return list(dict.fromkeys(tasks))
+        return tasks
+
+    def check_recordings(self, steps: int) -> None:
+        """An Atari task without wrap must have a recording of at least the longest run's steps."""
+        for task, frames in self.recordings.items():
+            if frames < steps:
+                self.problem(
+                    self.task_tables[task] + ".frames",
+                    f"the recording of task {task.name!r} holds {frames:,} frames, fewer than the {steps:,} steps "
+                    "to run (wrap = false): set frames (at least the steps; a policy file must hold that many), "
+                    "wrap = true, or fewer steps",
+                )
 
     def check_measures(self, tasks: list[TaskSpec], log_every: int) -> None:
         """Each task's error measures must fit the log interval (e.g. window vs log_every)."""
-        from environments import metrics
-
         for task in tasks:
             try:
-                metrics.make_reducer(task.kind, window=task.params_dict.get("window"), log_every=log_every)
+                task_kind(task.kind).reducer(task.params_dict.get("window"), log_every)
             except ValueError as error:
                 self.problem(f"log_every (task {task.name!r})", str(error))
 
     def make_task(self, kind: TaskKind, params: dict, table: dict, prefix: str) -> TaskSpec | None:
+        """The task of one [[tasks]] table: its parameters checked by its kind (environments.TaskKind)."""
+        try:
+            params, identity, n_inputs, frames = kind.check(params, self.path.parent)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            key = "policy_dir" if isinstance(error, FileNotFoundError) else ""
+            self.problem(prefix + key if key else prefix.rstrip("."), str(error))
+            return None
         name = table.get("name", kind.default_name(params))
         if not is_safe_path_component(name):
             self.problem(
@@ -362,30 +454,42 @@ class _Parser:
                 f"{name!r} is not a safe folder name: set name = \"...\" with letters, digits, '.', '_' and '-'",
             )
             return None
-        identity = dict(params)
-        try:
-            if not kind.device:
-                params, identity = check_atari(params, self.path.parent)
-            n_inputs = observation_size(kind.name, params)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            key = "policy_dir" if isinstance(error, FileNotFoundError) else ""
-            self.problem(prefix + key if key else prefix.rstrip("."), str(error))
-            return None
-        return TaskSpec(
+        task = TaskSpec(
             name=name,
             kind=kind.name,
             n_inputs=n_inputs,
             params=tuple(sorted(params.items())),
             identity=tuple(sorted(identity.items())),
         )
+        if frames is not None:
+            self.recordings[task] = frames
+        return task
 
     # -- learners -------------------------------------------------------------------------
-    def parse_learners(self, value: Any) -> list[dict]:
+    def learner_kind_of(self, table: dict, prefix: str) -> LearnerKind | None:
+        """The learner kind a table names: a registered name or an importable module path."""
+        kind = table.get("kind", MISSING)
+        if kind is MISSING or not isinstance(kind, str):
+            from learners import registry
+
+            got = "missing" if kind is MISSING else f"must be a string, got {_type_name(kind)} {kind!r}"
+            self.problem(f"{prefix}kind", f"{got} (one of: {', '.join(registry.names())}, or a module path)")
+            return None
+        try:
+            return learner_kind(kind)
+        except LookupError:
+            self.problem(f"{prefix}kind", unknown_kind_message(kind))
+        except ValueError as error:
+            self.problem(f"{prefix}kind", str(error))
+        return None
+
+    def parse_learners(self, value: Any, tasks: list[TaskSpec] | None = None) -> list[dict]:
         """Check each [[learners]] table; return entries {kind, name, shapes | match, axes, prefix}."""
         entries = []
+        n_inputs = tasks[0].n_inputs if tasks else 1  # for checking settings before expansion
         for number, table in enumerate(self.tables(value, "learners", "what to run"), start=1):
             prefix = f"learners[{number}]."
-            kind: LearnerKind | None = self.kind_of(table, prefix, LEARNER_KINDS)
+            kind = self.learner_kind_of(table, prefix)
             if kind is None:
                 continue
             self.check_keys(table, prefix, LEARNER_KEYS + tuple(f.name for f in kind.fields))
@@ -394,25 +498,44 @@ class _Parser:
             if name is not None and not is_safe_path_component(name):
                 self.problem(prefix + "name", f"{name!r} is not a safe name (letters, digits, '.', '_', '-')")
             entry["name"] = name
-            entry["steps"] = self.positive_int(table, "steps", prefix + "steps", default=None)
+            entry["steps"] = self.positive_int(table, "steps", prefix + "steps", default=None, maximum=_STEPS_LIMIT)
             has_shape, has_match = "shape" in table, "match_flops" in table
-            if has_match and kind.name != "tbptt":
-                self.problem(prefix + "match_flops", "only a tbptt learner can be matched to another's compute")
-            elif has_shape and has_match:
+            if has_shape and has_match:
                 self.problem(prefix + "shape", "give either shape or match_flops, not both")
             elif has_match:
-                entry["match"] = self.parse_match(table["match_flops"], prefix + "match_flops")
+                entry["match"] = self.parse_match(table["match_flops"], prefix + "match_flops", kind)
             elif has_shape:
-                entry["shapes"] = self.parse_shapes(kind, table["shape"], prefix + "shape")
+                entry["shapes"] = self.parse_shapes(kind, table["shape"], prefix + "shape", n_inputs)
             else:
-                hint = ' or match_flops = { of = "ccn", tolerance = 0.15 }' if kind.name == "tbptt" else ""
-                self.problem(prefix + "shape", f"missing (e.g. shape = {kind.shape_example!r}{hint})")
+                self.problem(
+                    prefix + "shape",
+                    f'missing (e.g. shape = {kind.shape_example!r}, or match_flops = {{ of = "<learner>", '
+                    "tolerance = 0.15 }})",
+                )
             entry["axes"] = {f.name: self.grid_axis(f, table, prefix + f.name) for f in kind.fields}
+            self.check_static(entry, n_inputs)
             entries.append(entry)
         self.resolve_names(entries)
         return entries
 
-    def parse_shapes(self, kind: LearnerKind, value: Any, where: str) -> list[dict] | None:
+    def check_static(self, entry: dict, n_inputs: int) -> None:
+        """Each static setting's values, tried in the learner's Config (with its first shape): bad ones
+        are reported at their key and leave the axis invalid."""
+        kind: LearnerKind = entry["kind"]
+        shape = entry["shapes"][0] if entry["shapes"] else None
+        for field in kind.static_fields:
+            values = entry["axes"].get(field.name)
+            if not values or shape is None:
+                continue
+            for value in values:
+                try:
+                    kind.make_config({**shape, **kind.static_defaults, field.name: value}, n_inputs)
+                except (TypeError, ValueError) as error:
+                    self.problem(entry["prefix"] + field.name, f"{error}")
+                    entry["axes"][field.name] = None
+                    break
+
+    def parse_shapes(self, kind: LearnerKind, value: Any, where: str, n_inputs: int = 1) -> list[dict] | None:
         values = value if isinstance(value, list) else [value]
         if not values:
             self.problem(where, "empty grid: give at least one shape")
@@ -423,13 +546,13 @@ class _Parser:
                 self.problem(where, f"must be a string such as {kind.shape_example!r}, got {_type_name(text)} {text!r}")
                 return None
             try:
-                shapes.append(kind.parse_shape(text))
-            except ValueError as error:
+                shapes.append(kind.parse_shape(text, n_inputs))
+            except (TypeError, ValueError) as error:
                 self.problem(where, str(error))
                 return None
         return shapes
 
-    def parse_match(self, value: Any, where: str) -> dict | None:
+    def parse_match(self, value: Any, where: str, kind: LearnerKind) -> dict | None:
         if not isinstance(value, dict):
             self.problem(where, f'must be a table such as {{ of = "ccn", tolerance = 0.15 }}, got {_type_name(value)}')
             return None
@@ -454,6 +577,16 @@ class _Parser:
         ):
             self.problem(where + ".truncations", f"must be a non-empty list of positive integers, got {truncations!r}")
             measure = None
+        elif truncations is not None and "truncation" not in kind.shape_fields:
+            self.problem(where + ".truncations", f"{kind.name} has no truncation in its shape ({kind.shape_example!r})")
+            measure = None
+        if not callable(getattr(kind.module, "candidate_shapes", None)):
+            self.problem(
+                where,
+                f"{kind.name} gives no candidate_shapes(n_inputs) to search, so it cannot be matched to "
+                f"another's compute: give shape = {kind.shape_example!r}",
+            )
+            measure = None
         if None in (of, tolerance, measure):
             return None
         return {
@@ -465,10 +598,10 @@ class _Parser:
         }
 
     def resolve_names(self, entries: list[dict]) -> None:
-        """Default learner names (columnar / constructive / ccn / tbptt) when the shape says it."""
+        """Default learner names (the learner's family, e.g. columnar / constructive / ccn) when the shape says it."""
         for entry in entries:
             if entry["name"] is None and entry["shapes"] and len(entry["shapes"]) == 1:
-                entry["default_name"] = entry["kind"].family(entry["shapes"][0])
+                entry["default_name"] = entry["kind"].family({**entry["kind"].static_defaults, **entry["shapes"][0]})
             else:
                 entry["default_name"] = entry["name"] or entry["kind"].name
 
@@ -494,6 +627,8 @@ class _Parser:
         return None
 
     def matched_shapes(self, entry: dict, entries: list[dict], task: TaskSpec) -> list[dict] | None:
+        """The shapes of entry's learner whose cost is within tolerance of the referenced learner's
+        (any two kinds: each learner's own cost and candidate_shapes, learners.compute.matching_shapes)."""
         match = entry["match"]
         target = self.reference(entries, match)
         if target is None or target["shapes"] is None:
@@ -504,31 +639,46 @@ class _Parser:
         from learners import compute
 
         target_kind: LearnerKind = target["kind"]
-        target_config = {**target["shapes"][0], "dtype": "float32"}
-        budget = compute.budget_of(target_kind.cost(target_config, task.n_inputs), match["measure"])
-        variants = entry["axes"].get("variant") or ["recompute"]
-        shapes: dict[tuple, None] = {}
-        for variant in variants:
-            for truncation, hidden in compute.matching_tbptt_shapes(
-                budget, task.n_inputs, match["tolerance"], match["measure"], variant=variant
-            ):
-                if match["truncations"] is None or truncation in match["truncations"]:
-                    shapes[(truncation, hidden)] = None
+        target_static = {f.name: (target["axes"].get(f.name) or [f.default])[0] for f in target_kind.static_fields}
+        try:
+            target_cost = target_kind.cost({**target_static, **target["shapes"][0]}, task.n_inputs)
+        except (TypeError, ValueError) as error:
+            self.problem(match["where"] + ".of", f"{match['of']!r} on task {task.name!r}: {error}")
+            return None
+        budget = compute.budget_of(target_cost, match["measure"])
+        kind: LearnerKind = entry["kind"]
+        static_axes = {f.name: entry["axes"].get(f.name) or [f.default] for f in kind.static_fields}
+        shapes: dict[tuple, dict] = {}
+        for values in itertools.product(*static_axes.values()):
+            static = dict(zip(static_axes, values, strict=True))
+            try:
+                configs = compute.matching_shapes(
+                    kind.module, budget, task.n_inputs, match["tolerance"], match["measure"], **static
+                )
+            except (TypeError, ValueError) as error:
+                self.problem(match["where"], str(error))
+                return None
+            for cfg in configs:
+                shape = {name: getattr(cfg, name) for name in kind.shape_fields}
+                if match["truncations"] is None or shape.get("truncation") in match["truncations"]:
+                    shapes.setdefault(tuple(shape.items()), shape)
         if not shapes:
             self.problem(
                 match["where"],
-                f"no T-BPTT shape costs within {match['tolerance']:.0%} of "
+                f"no {kind.title} shape costs within {match['tolerance']:.0%} of "
                 f"{match['of']!r}'s {budget:,} {match['measure']} per step on task "
                 f"{task.name!r}"
                 + (" with those truncations" if match["truncations"] else "")
-                + ': raise the tolerance or give shape = "k:H"',
+                + f": raise the tolerance or give shape = {kind.shape_example!r}",
             )
             return None
-        return [{"truncation": t, "hidden": h} for t, h in shapes]
+        return list(shapes.values())
 
     # -- expansion ------------------------------------------------------------------------
     def expand(self, entries, tasks, seeds, steps, log_every) -> list[Run]:
         runs: dict[str, Run] = {}
+        owner: dict[str, dict] = {}  # run_key -> the learner entry that made it
+        clashes: set[tuple[str, str]] = set()
         for task in tasks:
             for entry in entries:
                 kind: LearnerKind = entry["kind"]
@@ -540,9 +690,16 @@ class _Parser:
                 static = {f.name: entry["axes"][f.name] for f in kind.static_fields}
                 hyper = {f.name: entry["axes"][f.name] for f in kind.hyper_fields}
                 for shape in shapes:
-                    name = entry["name"] or (kind.family(shape) if entry["match"] is None else kind.name)
                     for static_values in itertools.product(*static.values()):
                         config = {**shape, **dict(zip(static, static_values, strict=True))}
+                        try:
+                            config = kind.identity(kind.make_config(config, task.n_inputs))
+                        except (TypeError, ValueError) as error:
+                            self.problem(entry["prefix"] + "shape", f"on task {task.name!r}: {error}")
+                            continue
+                        name = entry["name"] or (
+                            kind.family(config, task.n_inputs) if entry["match"] is None else kind.name
+                        )
                         for hyper_values in itertools.product(*hyper.values()):
                             for seed in seeds:
                                 run = Run(
@@ -555,8 +712,22 @@ class _Parser:
                                     steps=entry["steps"] or steps,
                                     log_every=log_every,
                                 )
-                                runs.setdefault(run.run_key, run)
+                                first = runs.setdefault(run.run_key, run)
+                                owner.setdefault(run.run_key, entry)
+                                if first.learner_name != name and (owner[run.run_key]["prefix"], entry["prefix"]) \
+                                        not in clashes:
+                                    clashes.add((owner[run.run_key]["prefix"], entry["prefix"]))
+                                    self.problem(
+                                        entry["prefix"].rstrip("."),
+                                        f"repeats runs of {owner[run.run_key]['prefix'].rstrip('.')} under another "
+                                        f"name ({name!r}, there {first.learner_name!r}; e.g. seed {seed} on task "
+                                        f"{task.name!r}): a run is stored once, so one name would lose them; "
+                                        "make the grids disjoint or drop one",
+                                    )
         return list(runs.values())
+
+
+_STEPS_LIMIT = (MAX_STEPS, "the learners' step counters are int32")
 
 
 def _divisor_near(steps: int, wanted: int) -> int:

@@ -3,6 +3,7 @@
     tracker = Tracker.start("offline", results_root, sweep_name)   # None when disabled
     tracker.batch_done(batch)        # after the batch's files are written; returns at once
     warnings = tracker.close()       # waits a bounded time for what is queued, never raises
+    report = sync("sweeps/demo.toml", "results", "offline")   # `ccn wandb-sync`: what W&B missed
 
 Each batch becomes one W&B run: group = the sweep, job_type = the learner kind, config = the
 batch's static signature (learner, shape, task, steps, log_every), a `runs` table (run_key,
@@ -14,16 +15,31 @@ batch's Parquet files back from the results, every error becomes a warning, and 
 most `timeout` seconds. Offline runs land in `<root>/<sweep>/wandb/` (local results roots; else
 `./wandb-<sweep>`), ready for `wandb sync <dir>/wandb/offline-run-*`.
 
+What was logged is recorded in the results: after W&B has taken a batch's run (`finish`), a marker
+`<root>/<sweep>/wandb/logged/<mode>/<batch_key>.json` (on the results' own filesystem, so an
+object store too). `sync` (`ccn wandb-sync SPEC --results R`) logs every finished batch of the spec
+that has no marker for that mode: the batches still queued when a driver died, or a sweep run
+with W&B off. Logging is idempotent: a batch is logged once per mode, however often `sync` runs.
+Each W&B run has an id of its own (the batch key's head and a random suffix), so a batch logged
+again (its marker deleted) is a new run, never a collision with the earlier one.
+
+Tracking is opt-in, the same for `ccn run` and `api.run_sweep`: `--wandb` / `wandb=`, else
+$WANDB_MODE, else disabled (nothing is written or sent).
+
 The API key is read by wandb itself from $WANDB_API_KEY (online mode only); this module never
 reads, prints, logs or writes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import secrets
 import threading
+import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 MODES = ("disabled", "offline", "online")
@@ -33,12 +49,39 @@ FINAL_ERROR_METRIC = "msre_window"
 
 
 def default_mode() -> str:
-    """$WANDB_MODE when it names a mode (dryrun = offline), else online with $WANDB_API_KEY, else offline."""
+    """$WANDB_MODE when it names a mode (dryrun = offline), else disabled: tracking is opt-in (an API
+    key alone never turns it on). The default of both `ccn run` and `api.run_sweep`."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     mode = "offline" if mode == "dryrun" else mode
-    if mode in MODES:
-        return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode if mode in MODES else "disabled"
+
+
+def marker_path(store, mode: str, batch_key: str) -> str:
+    """Where the record that W&B (in this mode) has a batch's run lives, on the results' filesystem."""
+    return f"{store.base}/wandb/logged/{mode}/{batch_key}.json"
+
+
+def logged_batches(store, mode: str) -> set[str]:
+    """The batch keys already logged to W&B in this mode (their markers)."""
+    import pyarrow.fs as pafs
+
+    folder = f"{store.base}/wandb/logged/{mode}"
+    try:
+        infos = store.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return set()
+    return {
+        info.base_name[: -len(".json")]
+        for info in infos
+        if info.type == pafs.FileType.File and info.base_name.endswith(".json")
+    }
+
+
+def _write_marker(store, mode: str, batch_key: str, record: dict[str, Any]) -> None:
+    path = marker_path(store, mode, batch_key)
+    store.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with store.filesystem.open_output_stream(path) as handle:
+        handle.write(json.dumps(record, sort_keys=True).encode())
 
 
 def wandb_dir(results_root: str, sweep: str) -> str:
@@ -81,6 +124,7 @@ class Tracker:
         self.dir = wandb_dir(results_root, sweep)
         self.warnings: list[str] = []
         self.logged: list[str] = []  # batch keys logged
+        self._store = None
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="ccn-wandb", daemon=True)
         self._thread.start()
@@ -117,15 +161,27 @@ class Tracker:
                 return
             key = str(getattr(batch, "batch_key", "?"))
             try:
-                self._log(batch)
+                run_id = self._log(batch)
                 self.logged.append(key)
             except Exception as error:  # noqa: BLE001 - W&B must never stop the sweep
                 self._warn(f"batch {key[:12]} not logged: {type(error).__name__}: {error}")
+                continue
+            try:
+                record = {"batch_key": key, "run_id": run_id, "mode": self.mode, "project": self.project}
+                _write_marker(self.store, self.mode, key, {**record, "logged_at": time.time()})
+            except Exception as error:  # noqa: BLE001
+                self._warn(f"batch {key[:12]} logged, but not recorded as logged: {type(error).__name__}: {error}")
 
-    def _read(self, batch):
+    @property
+    def store(self):
         from orchestrator.results import ResultsStore
 
-        store = ResultsStore(self.results_root, self.sweep)
+        if self._store is None:
+            self._store = ResultsStore(self.results_root, self.sweep)
+        return self._store
+
+    def _read(self, batch):
+        store = self.store
         tables = {}
         for table in ("runs", "metrics"):
             path = store.batch_path(table, batch.learner, batch.task, batch.batch_key)
@@ -135,7 +191,8 @@ class Tracker:
                 tables[table] = pq.read_table(handle).to_pylist()
         return tables["runs"], tables["metrics"]
 
-    def _log(self, batch) -> None:
+    def _log(self, batch) -> str:
+        """Log one batch as a new W&B run; returns the run's id."""
         import wandb
 
         runs, metrics = self._read(batch)
@@ -157,7 +214,7 @@ class Tracker:
             group=self.sweep,
             job_type=batch.learner,
             name=f"{self.sweep}-{batch.batch_key[:12]}",
-            id=f"{batch.batch_key[:32]}",
+            id=f"{batch.batch_key[:16]}-{secrets.token_hex(4)}",  # a new run each time: never a collision
             dir=self.dir,
             config=batch_config(batch),
             settings=settings,
@@ -206,3 +263,88 @@ class Tracker:
             run.summary["wall_seconds"] = runs[0]["wall_seconds"] if runs else None
         finally:
             run.finish()
+        return run.id
+
+
+@dataclass(frozen=True)
+class FinishedBatch:
+    """A batch whose files are in the results, rebuilt from them and the spec (what `_log` reads)."""
+
+    sweep: str
+    batch_key: str
+    runs: tuple  # the spec's runs in it (orchestrator.spec.Run)
+    padded_size: int | None = None
+
+    @property
+    def learner(self) -> str:
+        return self.runs[0].learner
+
+    @property
+    def task(self) -> str:
+        return self.runs[0].task.name
+
+
+@dataclass
+class SyncReport:
+    """What `sync` did: batches logged now, already logged before, and warnings."""
+
+    sweep: str
+    mode: str
+    logged: list[str] = field(default_factory=list)
+    already: int = 0
+    failed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dir: str = ""
+
+    def describe(self) -> str:
+        text = (
+            f"sweep {self.sweep!r}: W&B {self.mode}: {len(self.logged)} batches logged now, "
+            f"{self.already} were already logged"
+        )
+        if self.failed:
+            text += f", {len(self.failed)} failed (rerun to retry)"
+        return text + (f"; runs in {self.dir}" if self.logged and self.mode == "offline" else "")
+
+
+def finished_batches(sweep, results: str) -> list[FinishedBatch]:
+    """Every batch of the sweep with files in the results, in batch-key order."""
+    from orchestrator.results import ResultsStore
+
+    done = ResultsStore(results, sweep.name).completed_runs()
+    by_batch: dict[str, list] = {}
+    for run in sweep.runs:
+        record = done.get(run.run_key)
+        if record is not None and record.batch_key:
+            by_batch.setdefault(record.batch_key, []).append(run)
+    return [FinishedBatch(sweep.name, key, tuple(runs)) for key, runs in sorted(by_batch.items())]
+
+
+def sync(spec, results: str, mode: str | None = None, *, stage: str = "select", timeout: float = 600.0) -> SyncReport:
+    """Log to W&B every finished batch of the spec that W&B (in this mode) has not had yet.
+
+    mode: offline | online, or None for default_mode(). Idempotent: batches with a marker are
+    skipped, and each batch logged gets one. Raises SpecError or ValueError (bad mode or stage,
+    W&B disabled) before logging anything.
+    """
+    from orchestrator import api
+
+    mode = mode or default_mode()
+    if mode not in MODES:
+        raise ValueError(f"wandb mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "disabled":
+        raise ValueError("W&B is disabled ($WANDB_MODE or --wandb): pass --wandb offline or --wandb online")
+    sweep = api._sweep(spec)
+    if stage == "evaluate":
+        sweep = api.evaluation_sweep(sweep, results)
+    elif stage != "select":
+        raise ValueError(f"stage must be one of {', '.join(api.STAGES)}, got {stage!r}")
+    tracker = Tracker(mode, results, sweep.name)
+    seen = logged_batches(tracker.store, mode)
+    batches = finished_batches(sweep, results)
+    todo = [batch for batch in batches if batch.batch_key not in seen]
+    for batch in todo:
+        tracker.batch_done(batch)
+    warned = tracker.close(timeout=timeout)
+    logged = list(tracker.logged)
+    failed = [batch.batch_key for batch in todo if batch.batch_key not in logged]
+    return SyncReport(sweep.name, mode, logged, len(batches) - len(todo), failed, warned, tracker.dir)

@@ -1,14 +1,20 @@
-"""analysis/: bootstrap coverage, selection, compute matching, on synthetic Parquet results."""
+"""analysis/: selection, compute matching, one reader, the spec's runs only, on synthetic Parquet results.
+
+Interval coverage: tests/test_stats.py.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import bootstrap_ci, bootstrap_difference, comparison, frontier, load, select, write_report
+from analysis import comparison, difference_interval, format_table, frontier, load, select, write_report
+from analysis.references import TaskLevels
+from analysis.tables import table_decimals
 from orchestrator.schema import to_table
 
 STEPS, LOG_EVERY = 1000, 250
@@ -61,33 +67,15 @@ def write_sweep(
             pq.write_table(to_table(table, rows), folder / f"{label}.parquet")
 
 
-def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time():
-    # 1,000 repetitions of 20 normal draws; percentile intervals of small samples under-cover a bit,
-    # so the tolerance is 0.90..0.975 (binomial sd at 1,000 repetitions is 0.007).
-    rng = np.random.default_rng(1)
-    covered = 0
-    for repetition in range(1000):
-        sample = rng.normal(3.0, 2.0, size=20)
-        interval = bootstrap_ci(sample, resamples=2000, seed=repetition)
-        covered += interval.low <= 3.0 <= interval.high
-    assert 0.90 <= covered / 1000 <= 0.975
-
-
-def test_bootstrap_is_seeded_and_reports_its_seed_count():
-    values = [1.0, 2.0, 4.0]
-    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
-    assert bootstrap_ci(values).n == 3 and bootstrap_ci(values).mean == pytest.approx(7 / 3)
-
-
 def test_paired_difference_removes_shared_seed_noise():
     rng = np.random.default_rng(0)
     shared = rng.normal(0, 10, size=10)  # per-seed difficulty, common to both learners
     a = {s: shared[s] + 1.0 for s in range(10)}
     b = {s: shared[s] for s in range(10)}
-    paired = bootstrap_difference(a, b)
+    paired = difference_interval(a, b)
     assert paired.paired and paired.n == 10
     assert paired.low == pytest.approx(1.0) and paired.high == pytest.approx(1.0)
-    unpaired = bootstrap_difference(a, {s + 100: v for s, v in b.items()})
+    unpaired = difference_interval(a, {s + 100: v for s, v in b.items()})
     assert unpaired.paired is False and unpaired.high - unpaired.low > 1.0
 
 
@@ -97,7 +85,7 @@ def test_selection_picks_the_known_best_configuration(tmp_path):
     write_sweep(tmp_path, "syn", range(5), learners=learners, diverge={("columnar", 0.1, 2)})
     winners = {w["learner_name"]: w for w in select(load(str(tmp_path), "syn"))}
     assert {name: w["config"] for name, w in winners.items()} == {
-        name: f"step_size={BEST[name]}, lam=0.9" for name in LEARNERS
+        name: f"step_size={BEST[name]}, lam=0.9, steps={STEPS}, log_every={LOG_EVERY}" for name in LEARNERS
     }
     assert all(w["seeds"] == 5 and w["candidates"] == 3 for w in winners.values())
 
@@ -112,7 +100,7 @@ def test_selection_by_area_under_the_curve(tmp_path):
 
 def test_compute_matched_table_pairs_learners_with_equal_flops(tmp_path):
     write_sweep(tmp_path, "syn", range(4))
-    table = comparison(load(str(tmp_path), "syn"), resamples=500)
+    table = comparison(load(str(tmp_path), "syn"))
     group = {row["learner_name"]: row["group"] for row in table}
     # columnar (1000) and tbptt (1100) are within 15%; ccn (5000) is alone
     assert group["columnar"] == group["tbptt"] != group["ccn"]
@@ -146,7 +134,7 @@ def test_comparison_reports_evaluation_runs_only_when_there_are_some(tmp_path):
     write_sweep(tmp_path, "syn.evaluation", range(10, 15), learners=winners, noise=0.0)
     results = load(str(tmp_path), "syn")
     assert results.has_evaluation
-    table = comparison(results, resamples=200)
+    table = comparison(results)
     assert all(row["stage"] == "evaluation" for row in table)
     assert all(row["error"].n == 5 and row["error"].mean == pytest.approx(0.9) for row in table)
 
@@ -154,7 +142,7 @@ def test_comparison_reports_evaluation_runs_only_when_there_are_some(tmp_path):
 def test_report_on_synthetic_results_says_selection_biased_and_lists_missing(tmp_path):
     write_sweep(tmp_path, "syn", range(3))
     (tmp_path / "syn" / "runs" / "learner=ccn" / "task=t" / "ccn.parquet").unlink()  # still running
-    report = write_report(str(tmp_path), tmp_path / "out", "syn", resamples=200)
+    report = write_report(str(tmp_path), tmp_path / "out", "syn", levels={})
     text = report.path.read_text()
     assert report.biased and "selection-biased" in text
     assert "metrics but no runs row" in text
@@ -201,24 +189,94 @@ def test_report_along_a_task_parameter_tabulates_and_plots_error_against_it(tmp_
     }
     write_sweep(tmp_path, "isi", range(3), noise=0.0, learners=harder, task="isi-40",
                 task_params={"isi_range": [32, 48], "gamma": 0.975})
-    report = write_report(str(tmp_path), tmp_path / "out", "isi", resamples=200, along="isi_range")
+    levels = {"isi-20": TaskLevels("isi-20", 0.5, 0.4), "isi-40": TaskLevels("isi-40", 0.6, 0.45)}
+    report = write_report(str(tmp_path), tmp_path / "out", "isi", along="isi_range", levels=levels)
     text = report.path.read_text()
     assert "## Final error against `isi_range`" in text and "![along_isi_range](along_isi_range.png)" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith(("| 20 ", "| 40 "))}
     assert set(rows) == {"20", "40"}
-    assert "0.1 [0.1, 0.1] (n=3)" in rows["20"] and "0.2 [0.2, 0.2] (n=3)" in rows["40"]  # ccn's winner: 0.10, 0.20
+    assert "0.1000 [0.1000, 0.1000] (n=3)" in rows["20"]  # ccn's winner: 0.1
+    assert "0.2000 [0.2000, 0.2000] (n=3)" in rows["40"]  # and 0.2
+    assert "| predict 0 | predict mean |" in text and "| 20 | 0.5000 | 0.4000 |" in rows["20"]  # each task's levels
     assert (tmp_path / "out" / "along_isi_range.png").stat().st_size > 5_000
-    report = write_report(str(tmp_path), tmp_path / "out2", "isi", resamples=200, along="gamma")
+    report = write_report(str(tmp_path), tmp_path / "out2", "isi", along="gamma", levels=levels)
     assert "| 0.975 |" in report.path.read_text()
     with pytest.raises(ValueError, match="task parameter 'iti_range' is not a number .* in: isi-20"):
-        write_report(str(tmp_path), tmp_path / "out3", "isi", resamples=200, along="iti_range")
+        write_report(str(tmp_path), tmp_path / "out3", "isi", along="iti_range", levels=levels)
 
 
-def test_every_runs_column_is_either_bookkeeping_or_a_learner_setting():
-    # a column added to the runs schema must not silently become part of `config` (splitting seeds)
-    from analysis.results import _NOT_SETTING
-    from orchestrator.schema import LEARNER_SETTING_COLUMNS, RUNS_SCHEMA
+def test_every_runs_column_has_exactly_one_role_and_config_is_made_of_the_setting_columns(tmp_path):
+    # one definition (orchestrator.schema): a new runs column must be given a role, and analysis builds
+    # `config` from exactly the setting columns (hyperparameters and the run length)
+    from orchestrator import schema
 
-    shape_fields = {"total_columns", "columns_per_stage", "steps_per_stage", "truncation", "hidden"}
-    settings = set(LEARNER_SETTING_COLUMNS) - shape_fields
-    assert set(RUNS_SCHEMA.names) - _NOT_SETTING == settings
+    roles = (schema.IDENTITY_COLUMNS, schema.SHAPE_COLUMNS, schema.SETTING_COLUMNS, schema.OUTCOME_COLUMNS)
+    assert sorted(c for role in roles for c in role) == sorted(schema.RUNS_SCHEMA.names)
+    assert set(schema.SETTING_COLUMNS) == (
+        set(schema.LEARNER_SETTING_COLUMNS) - set(schema.SHAPE_COLUMNS)
+    ) | {"steps", "log_every", "learner_settings"}  # learner_settings: JSON of settings without a column
+    write_sweep(tmp_path, "syn", [0])
+    results = load(str(tmp_path), "syn")
+    assert results.setting_columns == schema.SETTING_COLUMNS
+    query = "SELECT DISTINCT config FROM runs WHERE learner_name = 'tbptt' AND step_size = 0.01"
+    [(config,)] = results.sql(query).fetchall()
+    assert config == f"step_size=0.01, lam=0.9, steps={STEPS}, log_every={LOG_EVERY}"
+
+
+def test_a_table_uses_one_number_format_and_shows_the_reference_levels(tmp_path):
+    """Errors of very different sizes (0.01867 and a difference of 1.3e-05) share one fixed-point format."""
+    close = {
+        "columnar": ("ccn", "7:7:inf", 1000, 100, {0.01: 0.01867}),
+        "tbptt": ("tbptt", "2:4", 1100, 110, {0.01: 0.0186830}),  # 1.3e-05 worse: same compute group
+        "ccn": ("ccn", "20:4:100", 5000, 400, {0.01: 0.0050}),
+    }
+    write_sweep(tmp_path, "fmt", range(3), learners=close, noise=0.0)
+    table = comparison(load(str(tmp_path), "fmt"))
+    levels = {"t": TaskLevels("t", 0.0202, 0.0188, source="a test")}
+    text = format_table(table, levels)
+    assert not re.search(r"\de-\d", text), text  # no scientific notation anywhere
+    lines = text.splitlines()
+    columns = ("final error", "vs predict-mean", "vs group best", "at equal total FLOPs")
+    starts = [lines[0].index(column) for column in columns]
+    spans = [(start, end) for start, end in zip(starts, [*starts[1:], None], strict=True) if start != starts[1]]
+    cells = [row[start:end] for row in lines[2:5] for start, end in spans]  # the error columns
+    numbers = [n for cell in cells for n in re.findall(r"[-+]?\d+\.\d+", cell)]
+    assert len(numbers) >= 12 and {len(n.split(".")[1]) for n in numbers} == {5}, numbers
+    assert "0.01867 [0.01867, 0.01867]" in text and "+0.00001 [+0.00001, +0.00001]" in text
+    assert "reference levels: t: predict 0 = 0.02020, predict the mean return = 0.01880" in text
+    standing = {line.split()[2]: line for line in text.splitlines()[2:5]}
+    assert "not below" not in standing["ccn"] and "below (0.27x)" in standing["ccn"]  # 0.005 / 0.0188
+    assert "below (0.99x)" in standing["columnar"]  # zero-width interval, just below the level
+
+
+def test_the_verdict_names_the_best_at_equal_compute_by_how_much_and_who_did_not_learn(tmp_path):
+    write_sweep(tmp_path, "v", range(4))  # columnar and tbptt share a compute group; ccn is alone
+    levels = {"t": TaskLevels("t", 0.5, 0.3, source="a test")}
+    report = write_report(str(tmp_path), tmp_path / "out", "v", levels=levels)
+    by_name = {row["learner_name"]: row for row in report.table}
+    gap = by_name["tbptt"]["versus_best"]
+    decimals = table_decimals(report.table, levels)
+    assert "at equal compute (1,000-1,100 FLOPs/step, 2 learners): columnar 7:7:inf is best" in report.verdict
+    assert f"it beats the next best, tbptt 2:4 ({by_name['tbptt']['error'].mean:.{decimals}f}), by " \
+        f"{gap.mean:.{decimals}f} [{gap.low:.{decimals}f}, {gap.high:.{decimals}f}] (paired" in report.verdict
+    assert "alone at its compute per step" in report.verdict and "ccn 20:4:100" in report.verdict
+    assert "lowest error overall: ccn 20:4:100" in report.verdict
+    # every winner is below 0.3 (columnar 0.2, tbptt 0.25, ccn 0.1): none listed as not learning
+    assert "every learner got below the predict-mean level (0.3000)" in report.verdict
+    text = report.path.read_text()
+    assert "## Verdict" in text and "Reference levels, t: predict 0 = 0.5000" in text
+    levels = {"t": TaskLevels("t", 0.3, 0.22, source="a test")}  # now tbptt (0.25) is above the level
+    verdict = write_report(str(tmp_path), tmp_path / "out2", "v", levels=levels).verdict
+    assert "did not get below the predict-mean level (0.2200): tbptt 2:4." in verdict
+    unknown = {"t": TaskLevels("t", None, None, problem="no stream")}
+    assert "reference levels not available (no stream)" in write_report(
+        str(tmp_path), tmp_path / "out3", "v", levels=unknown
+    ).verdict
+
+
+def test_load_refuses_a_sweep_name_that_is_not_one_folder(tmp_path):
+    import analysis
+
+    for name in ("../x", "a/b", "demo.evaluation"):
+        with pytest.raises(ValueError, match="is not a sweep name"):
+            analysis.load(str(tmp_path), name)

@@ -50,7 +50,7 @@ def sweep(tmp_path_factory):
         with pytest.raises(ValueError, match="selection runs are not done"):
             api.evaluation_sweep(spec, results)
         assert api.run_sweep(spec, results, progress=False).ok
-        biased = analysis.write_report(results, folder / "biased", resamples=1000)
+        biased = analysis.write_report(results, folder / "biased")
         assert cli.main(["run", str(spec), "--results", results, "--stage", "evaluate", "--quiet"]) == 0
     finally:
         ray.shutdown()
@@ -100,6 +100,8 @@ def test_cli_report_embeds_nontrivial_png_figures_and_its_table_matches_duckdb(s
     printed = capsys.readouterr().out
     text = (out / "report.md").read_text()
     assert "selection-biased" not in text.split("## What is missing")[0]
+    assert "final error [95% t CI]" in text and "95% Student t interval" in text  # which interval, said
+    assert "Student t" in printed
     embedded = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", text)
     assert len(embedded) == 4
     for name in embedded:
@@ -114,13 +116,21 @@ def test_cli_report_embeds_nontrivial_png_figures_and_its_table_matches_duckdb(s
             JOIN read_parquet('{root}/report-test.evaluation/metrics/**/*.parquet') m USING (run_key)
             WHERE m.step = r.steps AND r.status = 'complete' GROUP BY ALL ORDER BY ALL"""
     ).fetchall()
-    table = analysis.write_report(root, out, "report-test").table
+    report = analysis.write_report(root, out, "report-test")
+    table = report.table
     assert sorted((row["learner_name"], row["error"].mean, row["error"].n) for row in table) == [
         (name, pytest.approx(mean, rel=1e-12), n) for name, mean, n in expected
     ]
+    decimals = analysis.tables.table_decimals(table, report.levels)  # the table's one number format
     for name, mean, n in expected:
-        assert name in printed and f"{mean:.4g}" in printed
+        assert name in printed and f"{mean:.{decimals}f}" in printed
         line = next(
             line for line in text.splitlines() if line.startswith(f"| {table[0]['task']} |") and f"| {name} |" in line
         )
-        assert f"| evaluation | {n} |" in line and f"{mean:.4g}" in line
+        assert f"| evaluation | {n} |" in line and f"{mean:.{decimals}f}" in line
+    # the task's reference levels, under the table and at the end of the terminal output: the verdict
+    levels = report.levels[table[0]["task"]]
+    assert levels.known and 0 < levels.predict_mean < levels.predict_zero
+    assert f"predict the mean return = {levels.predict_mean:.{decimals}f}" in printed
+    assert printed.rstrip().endswith(report.verdict.rstrip().splitlines()[-1])
+    assert "Verdict (from the numbers above):" in printed.split("report: ")[-1]

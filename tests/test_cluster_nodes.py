@@ -91,7 +91,8 @@ def test_batches_spread_over_nodes_and_a_lost_node_loses_and_duplicates_nothing(
     assert len(keys) == len(set(keys)) == 18  # every run exactly once
     nodes = {node for _, node, _, _ in found}
     assert len(nodes) >= 2 and None not in nodes  # the batches landed on several nodes
-    assert max(attempt for *_, attempt, _ in found) == 2  # the lost node's batch ran again elsewhere
+    assert report.preempted >= 1  # the lost node's batch went back to the queue and ran again elsewhere,
+    assert {attempt for *_, attempt, _ in found} == {1}  # without using a try (preemption is not failure)
     assert added.node_id in nodes  # the replacement actor joined on the new node and took batches
     assert lost_id in {worker.node_id for worker in workers}
 

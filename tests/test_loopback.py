@@ -80,7 +80,7 @@ def probe_nodes(address: str, auth_env: dict[str, str]) -> list[str]:
 
 def test_cluster_up_registers_and_listens_on_loopback_only(local_cluster):
     assert local_cluster.address.startswith("127.0.0.1:")
-    assert probe_nodes(local_cluster.address, {"RAY_AUTH_MODE": "disabled"}) == ["127.0.0.1", "127.0.0.1"]
+    assert probe_nodes(local_cluster.address, local_cluster.auth_env()) == ["127.0.0.1", "127.0.0.1"]
     pids = [pid for node in local_cluster.nodes for pid, _ in local._tree(node.pid)]
     sockets = listening(pids)
     assert len(sockets) >= 6, sockets  # GCS, raylets, object managers, agents, dashboard: really looked at

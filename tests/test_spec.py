@@ -206,3 +206,119 @@ def test_cli_rejects_a_bad_spec_with_exit_2_before_any_compute(tmp_path, capsys)
     assert f"{spec}: learners[1].shape:" in error
     assert not results.exists()  # nothing written
     assert not ray.is_initialized()  # no Ray started
+
+
+# -- specs that used to pass validation and fail (or go wrong) after compute was spent (issue 13) --------------
+ATARI = """
+name = "atari-limits"
+steps = 2_000
+seeds = [0]
+log_every = 1_000
+
+[[tasks]]
+kind = "atari"
+game = "Pong"
+{task}
+
+[[learners]]
+kind = "ccn"
+shape = "6:6:inf"
+step_size = 1e-4
+"""
+
+LATE_FAILURES = {
+    "seed past uint32": (
+        VALID.replace("seeds = [0, 1]", "seeds = [4294967296]"),
+        "seeds: seeds must be integers from 0 to 4,294,967,295 (uint32), got 4294967296",
+    ),
+    "negative seed": (VALID.replace("seeds = [0, 1]", "seeds = [0, -1]"), "seeds: seeds must be integers from 0"),
+    "seed count past uint32": (
+        VALID.replace("seeds = [0, 1]", "seeds = 4294967297"),
+        "seeds: a seed count must be at most 4,294,967,296",
+    ),
+    "evaluation seeds past uint32": (
+        VALID.replace("seeds = [0, 1]", "seeds = [4294967294]"),
+        "evaluation_seeds: the evaluation seeds follow the largest seed",
+    ),
+    "steps past the int32 step counters": (
+        VALID.replace("steps = 2_000", "steps = 3_000_000_000"),
+        "steps: 3,000,000,000 is too large: at most 2,147,483,647 (the learners' step counters are int32)",
+    ),
+    "learner steps past the int32 step counters": (
+        VALID.replace('step_size = 0.01\n', "step_size = 0.01\nsteps = 2_147_484_000\n"),
+        "learners[2].steps: 2,147,484,000 is too large",
+    ),
+    "atari steps past a built-in policy's recording": (
+        ATARI.format(task='policy = "random"\nframes = 1_000'),
+        "tasks[1].frames: the recording of task 'atari-Pong-random' holds 1,000 frames, fewer than the 2,000 steps",
+    ),
+    "atari learner steps past the recording": (
+        ATARI.format(task='policy = "random"\nframes = 2_000') + "steps = 4_000\n",
+        "tasks[1].frames: the recording of task 'atari-Pong-random' holds 2,000 frames, fewer than the 4,000 steps",
+    ),
+    "atari frames not a positive integer": (
+        ATARI.format(task='policy = "random"\nframes = 0'),
+        "tasks[1]: frames must be a positive number of stream steps, got 0",
+    ),
+    "atari wrap not a boolean": (ATARI.format(task='policy = "random"\nwrap = "yes"'), "tasks[1]: wrap must be true"),
+    "same task twice under two names": (
+        VALID.replace('variant = "paper"', 'variant = "paper"\nname = "a"')
+        + '\n[[tasks]]\nkind = "trace_patterning"\nname = "b"\n',
+        "tasks[2]: the same task as tasks[1] (named 'a' and 'b': same kind and parameters)",
+    ),
+    "same task table twice": (
+        VALID + '\n[[tasks]]\nkind = "trace_patterning"\nvariant = "paper"\n',
+        "tasks[2]: the same task as tasks[1] (both 'trace_patterning-paper'",
+    ),
+    "two tasks with one name": (
+        VALID + '\n[[tasks]]\nkind = "trace_conditioning"\nname = "trace_patterning-paper"\n',
+        "tasks[2]: tasks[1] is also named 'trace_patterning-paper'",
+    ),
+    "same runs under two learner names": (
+        VALID + '\n[[learners]]\nkind = "ccn"\nname = "again"\nshape = "20:4:500"\nstep_size = 0.01\n',
+        "learners[4]: repeats runs of learners[1] under another name ('again', there 'ccn'",
+    ),
+    "a name reserved for evaluation folders": (
+        VALID.replace('name = "spec-test"', 'name = "demo.evaluation"'),
+        "name: 'demo.evaluation': names ending in '.evaluation' are reserved",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_FAILURES))
+def test_a_spec_that_would_fail_after_compute_is_refused_by_ccn_plan(tmp_path, capsys, case):
+    """`ccn plan` refuses it: exit 2, one line naming the file, the key and the reason; nothing computed."""
+    import ray
+
+    text, expected = LATE_FAILURES[case]
+    spec = write(tmp_path, text)
+    results = tmp_path / "results"
+    code = cli.main(["plan", str(spec), "--results", str(results)])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    lines = [line.strip() for line in captured.err.splitlines()]
+    assert f"{spec}: {expected}" in "\n".join(lines), captured.err
+    assert any(line.startswith(f"{spec}: {expected.split(':')[0]}") for line in lines), captured.err
+    assert not results.exists() and not ray.is_initialized()
+
+
+def test_atari_steps_within_a_policy_file_and_frames_past_it(tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "PongNoFrameskip-v4.txt").write_text("a" * 1_501 + "\n")  # 1,500 steps after the skipped first
+    task = 'policy_dir = "policies"'
+    assert len(load_spec(write(tmp_path, ATARI.format(task=task).replace("2_000", "1_000"))).runs) == 1
+    problems = problems_of(tmp_path, ATARI.format(task=task))
+    assert any("tasks[1].frames: the recording of task 'atari-Pong-file' holds 1,500 frames" in p for p in problems)
+    assert len(load_spec(write(tmp_path, ATARI.format(task=task + "\nwrap = true"))).runs) == 1  # wrapping: fine
+    problems = problems_of(tmp_path, ATARI.format(task=task + "\nframes = 1_600\nwrap = true"))
+    assert any("tasks[1]: frames = 1,600, but the policy file" in p and "holds 1,500 steps" in p for p in problems)
+
+
+def test_the_largest_allowed_seed_and_steps_are_accepted(tmp_path):
+    text = VALID.replace("seeds = [0, 1]", "seeds = [4294967290]")
+    sweep = load_spec(write(tmp_path, text))
+    assert {run.seed for run in sweep.runs} == {4294967290}
+    assert sweep.evaluation_seed_list[-1] == 4294967295
+    limit = VALID.replace("steps = 2_000", "steps = 2_147_483_000")
+    assert load_spec(write(tmp_path, limit)).steps == 2_147_483_000

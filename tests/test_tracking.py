@@ -69,15 +69,24 @@ def files_under(*roots: Path):
             yield from (path for path in root.rglob("*") if path.is_file())
 
 
-def test_default_mode_follows_the_environment(monkeypatch):
+def test_default_mode_is_opt_in_and_the_same_for_the_api_and_the_cli(monkeypatch):
+    import inspect
+
+    from orchestrator import api
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert tracking.default_mode() == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    assert tracking.default_mode() == "online"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.default_mode() == "disabled"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert tracking.default_mode() == "disabled"  # a key alone never sends a sweep anywhere
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.default_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert tracking.default_mode() == "offline"
     assert tracking.Tracker.start("disabled", "results", "x") is None
+    # `ccn run` and api.run_sweep both leave the choice to default_mode()
+    assert inspect.signature(api.run_sweep).parameters["wandb"].default is None
+    assert cli.build_parser().parse_args(["run", "x.toml"]).wandb is None
 
 
 def test_offline_sweep_writes_one_run_per_batch_and_never_the_key(tmp_path, monkeypatch, capsys):
@@ -117,6 +126,12 @@ def test_offline_sweep_writes_one_run_per_batch_and_never_the_key(tmp_path, monk
     assert len(table["data"]) == 2 and all(row[-1] is not None for row in table["data"])
     assert list((run_dir / "files" / "media" / "table").glob("curves_*.table.json"))
 
+    # the driver recorded the batch as logged: a sync afterwards logs nothing again
+    assert len(list((wandb_root / "logged" / "offline").glob("*.json"))) == 1
+    assert cli.main(["wandb-sync", str(spec), "--results", str(results), "--wandb", "offline"]) == 0
+    assert "0 batches logged now, 1 were already logged" in capsys.readouterr().out
+    assert len(list((wandb_root / "wandb").glob("offline-run-*"))) == 1
+
     key = FAKE_KEY.encode()
     leaked = [path for path in files_under(work, home, tmp_path) if key in path.read_bytes()]
     assert not leaked, f"the API key was written to {leaked}"
@@ -155,3 +170,33 @@ def test_a_hanging_wandb_never_holds_the_sweep(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 5
     release.set()
     tracker._thread.join(10)  # before monkeypatch restores the real _log
+
+
+def test_wandb_sync_logs_every_batch_wandb_missed_exactly_once(tmp_path, monkeypatch, capsys):
+    """A sweep run without W&B (as if its driver died with batches queued): `ccn wandb-sync` logs
+    each finished batch once, in real offline W&B runs with ids of their own; a second sync logs none."""
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("CCN_JAX_CACHE_DIR", str(tmp_path / "jax_cache"))
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(textwrap.dedent(SPEC).replace("batch_size = 2", "batch_size = 1"))  # 2 batches
+    results = tmp_path / "results"
+    assert cli.main(["run", str(spec), "--results", str(results), "--workers", "1", "--quiet"]) == 0
+    wandb_root = results / "wandb-test" / "wandb"
+    assert not wandb_root.exists()  # W&B is opt-in: nothing logged by default
+
+    assert cli.main(["wandb-sync", str(spec), "--results", str(results)]) == 2  # no mode chosen: refused
+    assert "--wandb offline" in capsys.readouterr().err
+    for expected in ("2 batches logged now, 0 were already logged", "0 batches logged now, 2 were already logged"):
+        assert cli.main(["wandb-sync", str(spec), "--results", str(results), "--wandb", "offline"]) == 0
+        assert expected in capsys.readouterr().out
+    run_dirs = sorted((wandb_root / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2
+    records = [read_offline_run(run_dir) for run_dir in run_dirs]
+    batch_keys = sorted(config["batch_key"] for _, config, _ in records)
+    assert len(set(batch_keys)) == 2  # each batch once
+    assert sorted(path.stem for path in (wandb_root / "logged" / "offline").glob("*.json")) == batch_keys
+    ids = {run.run_id for run, _, _ in records}
+    assert len(ids) == 2 and not ids & set(batch_keys)  # ids of their own, not the batch key
+    assert all(summary["run_count"] == 1 for _, _, summary in records)
