@@ -10,6 +10,10 @@ Two variants of "backpropagated k steps":
                        current parameters and backpropagate through it (exactly jax.grad of the
                        windowed prediction; a test checks it). Until k inputs have been seen the
                        window starts from the zero state, so k >= history is exact full BPTT.
+                       When x_{t-k+1} leaves the window, s_{t-k+1} is the rerun's state after it
+                       (current parameters), so the learner runs one LSTM trajectory (not the
+                       state stored when x_{t-k+1} was consumed: that makes k + 1 interleaved
+                       chains, h_{t+1} = F^{k+1}(h_{t-k}); docs/learners.md, T-BPTT).
   stale                backpropagate through the activations stored when each input was
                        consumed (computed with older parameters), using the current U and w
                        for the backward products, as the authors' code does, but with a correct
@@ -80,6 +84,9 @@ class Hyper(NamedTuple):
 
 # --------------------------------------------------------------------------- the learner protocol (learners.registry)
 TITLE = "T-BPTT"
+# Part of every T-BPTT run's key (orchestrator.runs): 2 since the `recompute` window's start state moves
+# along the rerun trajectory (docs/learners.md); results of revision 1 are not reused.
+REVISION = 2
 SHAPE_EXAMPLE = "10:5"
 check_hyper = registry.checks({"step_size": registry.positive, "lam": registry.unit_interval})
 
@@ -99,8 +106,6 @@ class Params(NamedTuple):
 
 class RecomputeWindow(NamedTuple):
     inputs: jax.Array  # [k, d] x_{t-k+1..t}, oldest first (valid: the last min(t, k) rows)
-    h: jax.Array  # [k, H] hidden state reached after each of those inputs
-    c: jax.Array  # [k, H]
     start_h: jax.Array  # [H] s_{t-k}: the state before the oldest input (0 until k inputs seen)
     start_c: jax.Array  # [H]
 
@@ -161,7 +166,7 @@ def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
     zeros = jax.tree.map(jnp.zeros_like, params)
     zk = jnp.zeros((k, hidden), dtype)
     if cfg.variant == "recompute":
-        window = RecomputeWindow(jnp.zeros((k, d), dtype), zk, zk, zk[0], zk[0])
+        window = RecomputeWindow(jnp.zeros((k, d), dtype), zk[0], zk[0])
     else:
         window = StaleWindow(jnp.zeros((k, d), dtype), zk, zk, jnp.zeros((k, 4, hidden), dtype), zk)
     return State(
@@ -282,13 +287,15 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     params, rms = common.td_update(params, state.rms, eligibility, delta, Params(alpha, alpha, alpha, alpha))
 
     if cfg.variant == "recompute":
-        full = state.t >= k  # the oldest input leaves the window: its successor state becomes s_{t-k}
+        # The oldest input leaves the window: the rerun's state after it (this step's parameters)
+        # becomes s_{t-k}, so the start state, the rerun and the prediction stay on one trajectory.
+        full = state.t >= k
+        after_oldest_c = acts.c[0]
+        after_oldest_h = acts.gates[0, 3] * jnp.tanh(after_oldest_c)
         window = RecomputeWindow(
             inputs=_shift_in(window.inputs, x),
-            h=_shift_in(window.h, h),
-            c=_shift_in(window.c, c),
-            start_h=jnp.where(full, window.h[0], window.start_h),
-            start_c=jnp.where(full, window.c[0], window.start_c),
+            start_h=jnp.where(full, after_oldest_h, window.start_h),
+            start_c=jnp.where(full, after_oldest_c, window.start_c),
         )
     else:
         window = Activations(

@@ -2,7 +2,9 @@
 
 A Run is one learner with its hyperparameters on one task with one seed for a number of steps.
 Its `run_key` is the SHA-256 of its canonical JSON: sorted keys, floats as their shortest
-round-trip text, the package version included. It never depends on a grid position, on the
+round-trip text, the package version included, and the learner's `REVISION` when its module
+defines one (a learner whose results change bumps it, so its earlier results are not taken for
+the new code's, while other learners keep their keys). It never depends on a grid position, on the
 process, or on other entries of the spec, so a grid can grow and a retry maps to the same key.
 Labels (the learner's and the task's display names) are not part of it.
 """
@@ -27,6 +29,21 @@ def package_version() -> str:
         return metadata.version(PACKAGE)
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+@functools.cache
+def learner_revision(kind: str) -> int | None:
+    """The learner module's `REVISION` (an int bumped whenever its results change), None without one."""
+    from learners import registry
+
+    try:
+        module = registry.resolve(kind)
+    except (LookupError, ValueError):  # not a learner this process can import: nothing to add
+        return None
+    revision = getattr(module, "REVISION", None)
+    if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int)):
+        raise ValueError(f"learner {kind!r}: REVISION must be an int, got {revision!r}")
+    return revision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +89,12 @@ class Run:
 
     def canonical(self) -> dict[str, Any]:
         """What identifies the run (labels excluded)."""
+        learner = {"kind": self.learner, "config": dict(self.config), "hyper": dict(self.hyper)}
+        revision = learner_revision(self.learner)
+        if revision is not None:
+            learner["revision"] = revision
         return {
-            "learner": {"kind": self.learner, "config": dict(self.config), "hyper": dict(self.hyper)},
+            "learner": learner,
             "task": {"kind": self.task.kind, "params": dict(self.task.identity)},
             "seed": self.seed,
             "steps": self.steps,

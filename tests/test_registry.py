@@ -102,11 +102,31 @@ def test_run_keys_of_existing_learners_did_not_change(tmp_path, monkeypatch):
     import orchestrator.runs
 
     monkeypatch.setattr(orchestrator.runs, "package_version", lambda: "0.0.0-pinned")
+    monkeypatch.setattr(orchestrator.runs, "learner_revision", lambda kind: None)  # the keys before REVISION
     sweep = load_spec(write(tmp_path, PINNED_SPEC))
     assert len(sweep.runs) == 52
     keys = {(r.learner_name, r.task.name, r.config, r.hyper, r.seed): r.run_key for r in sweep.runs}
     for identity, key in PINNED_KEYS.items():
         assert keys[identity] == key, identity
+
+
+def test_a_learner_revision_renews_only_that_learners_run_keys(tmp_path, monkeypatch):
+    """T-BPTT's REVISION (2: the recompute fix) is in its runs' keys; the CCN, without one, keeps its keys."""
+    import orchestrator.runs
+    from learners import tbptt
+
+    monkeypatch.setattr(orchestrator.runs, "package_version", lambda: "0.0.0-pinned")
+    assert tbptt.REVISION == 2
+    sweep = load_spec(write(tmp_path, PINNED_SPEC))
+    keys = {(r.learner_name, r.task.name, r.config, r.hyper, r.seed): r.run_key for r in sweep.runs}
+    for identity, key in PINNED_KEYS.items():
+        if identity[0] == "tbptt":
+            assert keys[identity] != key, identity
+        else:
+            assert keys[identity] == key, identity
+    run = next(r for r in sweep.runs if r.learner == "tbptt")
+    assert run.canonical()["learner"]["revision"] == 2
+    assert "revision" not in next(r for r in sweep.runs if r.learner == "ccn").canonical()["learner"]
 
 
 def test_the_builtin_learners_say_their_own_facts():

@@ -167,3 +167,48 @@ def test_config_parsing_and_validation():
         assert "recompute" in str(error)
     else:
         raise AssertionError("unknown variant accepted")
+
+
+def test_update_after_a_quiet_stretch_moves_every_group_by_about_100_alpha(x64):
+    """The amplifier of the short-truncation bursts (docs/learners.md, T-BPTT): RMSProp's second
+    moment s decays towards the small (delta e)^2 of the predict-0 regime, so one large TD error
+    moves every parameter group, head included, by ~alpha / sqrt(1 - beta) = 100 alpha in one step
+    (the authors' rule: beta 0.9999, s_0 = 1, no clipping). From a fresh s = 1 the same step is small."""
+    cfg = tbptt.Config(n_inputs=3, truncation=3, hidden=4, dtype="float64")
+    alpha = 1e-3
+    hyper = tbptt.Hyper(step_size=alpha, lam=0.99)
+    step = jax.jit(lambda s, x, cu: tbptt.step(cfg, hyper, s, x, cu, 0.9)[0])
+    state = randomized(tbptt.init(cfg, hyper, jax.random.PRNGKey(6)), jax.random.PRNGKey(7))
+    rng = np.random.default_rng(3)
+    for x in rng.normal(size=(6, 3)):
+        state = step(state, x, 0.0)
+    cap = alpha / np.sqrt(1 - 0.9999)
+    quiet = state._replace(rms=state.rms._replace(nu=jax.tree.map(lambda v: jnp.full_like(v, 1e-12), state.rms.nu)))
+    x = rng.normal(size=3)  # then a US (cumulant 2) the predict-0 learner did not expect
+    for start, low, high in ((quiet, 0.9 * cap, cap * (1 + 1e-9)), (state, 0.0, 0.2 * cap)):
+        after = step(start, x, 2.0)
+        for name, new, old in zip(("W", "U", "b", "w"), after.params, start.params, strict=True):
+            moved = float(np.abs(np.asarray(new) - np.asarray(old)).max())
+            assert low <= moved <= high, (name, moved, cap)
+
+
+def test_recompute_state_is_one_recurrent_trajectory(x64):
+    """After learning has moved the parameters, `recompute` must still run ONE LSTM: with step size 0
+    from then on, its predictions are a plain LSTM run from the rerun window's state. (Advancing
+    s_{t-k} to the state stored when x_{t-k+1} was consumed instead makes k + 1 interleaved chains,
+    h_{t+1} = F^{k+1}(h_{t-k}), that never see each other's updates; on trace patterning they fell
+    into a period-(k + 1) cycle and the head diverged: docs/learners.md, T-BPTT.)"""
+    cfg = tbptt.Config(n_inputs=3, truncation=2, hidden=3, dtype="float64")
+    state = randomized(tbptt.init(cfg, tbptt.Hyper(0.05), jax.random.PRNGKey(8)), jax.random.PRNGKey(9))
+    rng = np.random.default_rng(4)
+    observations = rng.normal(size=(20, 3))
+    state, _ = run(cfg, tbptt.Hyper(0.05, 0.9), state, observations[:12], rng.normal(size=12), np.full(12, 0.9))
+    h, c = state.window.start_h, state.window.start_c
+    for x in state.window.inputs:  # the rerun: the state the learner continues from
+        h, c = reference_cell(state.params, x, h, c)
+    expected = []
+    for x in observations[12:]:
+        h, c = reference_cell(state.params, x, h, c)
+        expected.append(float(jnp.dot(state.params.w, h)))
+    _, predictions = run(cfg, tbptt.Hyper(0.0, 0.9), state, observations[12:], np.zeros(8), np.full(8, 0.9))
+    np.testing.assert_allclose(predictions, expected, rtol=1e-10, atol=1e-12)
