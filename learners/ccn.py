@@ -14,8 +14,10 @@ of every stage is allocated up front; a column of stage L reads the raw observat
 one-step-delayed hidden states of the columns of stages < L (a static mask over the padded
 input vector). The k columns of the learning stage live in a `LearningBlock` of their own
 (parameters, input statistics, RTRL traces, eligibility and RMSProp state, [k, ...]), so
-trace work is O(k * inputs) and the hot loop never slices the full arrays; when a stage
-starts, the finished block is written back (frozen) and the next one loaded.
+trace work is O(k * inputs) and the element-wise loops never slice the full arrays. Each step
+first writes the block into its rows of the full arrays (in place, O(k)), so one forward pass
+over the full arrays serves every column, the learning ones included; when a stage starts,
+the finished block is thereby already written back (frozen) and the next one is loaded.
 
 Shapes (d = n_inputs, N = total_columns, k = columns_per_stage, m = d + N - k padded
 inputs per column, P = m + 2 packed parameters per gate):
@@ -231,17 +233,6 @@ def _fresh_block(cfg: Config, weights, input_mean, input_var, start) -> Learning
     )
 
 
-def _begin_stage(cfg: Config, state: State, stage: jax.Array) -> State:
-    """Freeze the finished stage (write its block back) and load the next one."""
-    k, block = cfg.columns_per_stage, state.learning
-    old_start = (stage - 1) * k
-    weights = _put_rows(cfg, state.weights, block.weights, old_start)
-    input_mean = _put_rows(cfg, state.input_mean, block.input_mean, old_start)
-    input_var = _put_rows(cfg, state.input_var, block.input_var, old_start)
-    learning = _fresh_block(cfg, weights, input_mean, input_var, stage * k)
-    return state._replace(weights=weights, input_mean=input_mean, input_var=input_var, learning=learning)
-
-
 def column_weights(cfg: Config, state: State) -> jax.Array:
     """[N, 4, P] packed parameters of every column, the learning stage's included."""
     start = stage_at(cfg, jnp.maximum(state.t - 1, 0)) * cfg.columns_per_stage
@@ -349,11 +340,23 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     rate = jnp.asarray(hyper.normalization_rate, dtype)
     std_cap = jnp.asarray(hyper.std_cap, dtype)
 
-    # A stage that starts now: freeze the previous one, fresh traces, eligibility and RMSProp (8b).
-    if cfg.n_stages > 1 and cfg.steps_per_stage is not None:
-        starts = stage != stage_at(cfg, jnp.maximum(t - 1, 0))
-        state = lax.cond(starts, lambda s: _begin_stage(cfg, s, stage), lambda s: s, state)
+    # The full arrays' rows of the learning stage are brought up to date with its block (an
+    # in-place row update; the rows of the stage that was learning until now, so a stage that
+    # starts now finds the finished one written back, frozen). One forward pass over the full
+    # arrays then serves every column, the learning ones included.
     block = state.learning
+    staged = cfg.n_stages > 1 and cfg.steps_per_stage is not None
+    block_start = stage_at(cfg, jnp.maximum(t - 1, 0)) * k if staged else start
+    if cfg.n_stages > 1:
+        state = state._replace(weights=_put_rows(cfg, state.weights, block.weights, block_start),
+                               input_mean=_put_rows(cfg, state.input_mean, block.input_mean, block_start),
+                               input_var=_put_rows(cfg, state.input_var, block.input_var, block_start))
+    # A stage that starts now loads its block from those rows, with fresh traces, eligibility and
+    # RMSProp (8b).
+    if staged:
+        starts = stage != stage_at(cfg, jnp.maximum(t - 1, 0))
+        load = lambda _: _fresh_block(cfg, state.weights, state.input_mean, state.input_var, start)  # noqa: E731
+        block = lax.cond(starts, load, lambda unchanged: unchanged, block)
 
     # 1-2. Decay the traces and add grad V(S_t) of the last forward pass. The column gradient
     # uses the current head weight and the head variance of that forward pass.
@@ -363,23 +366,24 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
         state.head_eligibility, (state.features, jnp.ones((), dtype)), gamma_lambda
     )
 
-    # 3. Forward every column on x_{t+1} and the one-step-delayed lower hidden states. The
-    # learning columns run from their own block; the other rows of the full arrays are frozen
-    # (or not yet learning), so the full forward's learning rows are replaced.
+    # 3. Forward every column on x_{t+1} and the one-step-delayed lower hidden states: one pass
+    # over the full arrays (whose learning rows now hold the block); the learning rows of z and of
+    # the gates are sliced out for RTRL (no second forward of the learning stage).
     raw_inputs = jnp.concatenate([jnp.asarray(observation, dtype), state.h[: n - k]])  # [m]
     real = jnp.arange(cfg.column_inputs) < d + stage * k  # [m] inputs of the learning stage
-    x_hat_l = jnp.where(real, common.normalize(block.input_mean, block.input_var, raw_inputs), 0.0)  # [k, m]
     h_prev_l, c_prev_l = _rows(cfg, state.h, start), _rows(cfg, state.c, start)
+    x_hat_l = jnp.where(real, common.normalize(block.input_mean, block.input_var, raw_inputs), 0.0)  # [k, m]
     z_l = jnp.concatenate([x_hat_l, h_prev_l[:, None], jnp.ones((k, 1), dtype)], axis=1)  # [k, P]
-    h_l, c_l, gates_l = column_forward(block.weights, z_l, c_prev_l)
     if cfg.n_stages == 1:
-        h, c = h_l, c_l
-    else:
+        h, c, gates_l = column_forward(block.weights, z_l, c_prev_l)
+        c_l = c
+    else:  # the same z_l as the full forward's learning rows (same statistics, same formula)
         mask = jnp.asarray(input_mask(cfg))
         x_hat = jnp.where(mask, common.normalize(state.input_mean, state.input_var, raw_inputs), 0.0)  # [N, m]
         z = jnp.concatenate([x_hat, state.h[:, None], jnp.ones((n, 1), dtype)], axis=1)  # [N, P]
-        h_all, c_all, _ = column_forward(state.weights, z, state.c)
-        h, c = _put_rows(cfg, h_all, h_l, start), _put_rows(cfg, c_all, c_l, start)
+        h, c, gates = column_forward(state.weights, z, state.c)
+        c_l = _rows(cfg, c, start)
+        gates_l = tuple(_rows(cfg, gate, start) for gate in gates)
 
     # RTRL on the learning columns, with the same z their forward pass used.
     trace_h, trace_c = rtrl_update(block.weights, z_l, c_prev_l, c_l, gates_l, block.trace_h, block.trace_c)

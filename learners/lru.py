@@ -41,6 +41,7 @@ from learners.compute import Cost
 from learners.rtu import (
     HYPER_CHECKS,
     activation,
+    add_to_first,
     build_config,
     check_common_fields,
     head_scale,
@@ -216,8 +217,7 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     h = rotate(rot, state.h) + input_scale * drive
     trace_lambda = rotate(rot, state.trace_lambda) + state.h
     trace_gamma = rotate(rot, state.trace_gamma) + drive
-    rotated_b = rotate(rot, state.trace_b)
-    trace_b = jnp.stack([rotated_b[0] + input_scale[:, None] * x_hat[None, :], rotated_b[1]])
+    trace_b = add_to_first(rotate(rot, state.trace_b), input_scale[:, None] * x_hat[None, :])
     input_mean, input_var = common.ema_update(state.input_mean, state.input_var, x, rate, std_cap)
 
     # Head feature statistics (before the prediction), then V.

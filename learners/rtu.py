@@ -196,11 +196,26 @@ def rotation(nu_log: jax.Array, theta_log: jax.Array) -> Rotation:
     return Rotation(nu, theta, r, r * jnp.cos(theta), r * jnp.sin(theta))
 
 
+def signed(value: jax.Array) -> jax.Array:
+    """(-value, value) [2, ...]: the signs of i * (p1 + i p2) = (-p2, p1), for per-unit factors."""
+    return jnp.stack([-value, value])
+
+
+def add_to_first(pair: jax.Array, value: jax.Array) -> jax.Array:
+    """(p1 + value, p2) for pair = (p1, p2) [2, ...]: value padded with a zero second half."""
+    return pair + jax.lax.pad(value[None], jnp.zeros((), value.dtype), [(0, 1, 0)] + [(0, 0, 0)] * value.ndim)
+
+
 def rotate(rot: Rotation, pair: jax.Array) -> jax.Array:
-    """lambda * (p1 + i p2) for pair = (p1, p2) [2, n, ...]: (g p1 - phi p2, g p2 + phi p1)."""
+    """lambda * (p1 + i p2) for pair = (p1, p2) [2, n, ...]: (g p1 - phi p2, g p2 + phi p1).
+
+    Computed as g (p1, p2) + (-phi, phi) (p2, p1), a reversal of the pair axis, not as a stack
+    of the two halves: stacking the halves of a batched [B, 2, n, d] trace made XLA:CPU carry
+    the pair axis outermost and copy and transpose the largest arrays every step (docs/learners.md).
+    """
     extra = (1,) * (pair.ndim - 2)
-    g, phi = rot.g.reshape(rot.g.shape + extra), rot.phi.reshape(rot.phi.shape + extra)
-    return jnp.stack([g * pair[0] - phi * pair[1], g * pair[1] + phi * pair[0]])
+    g, phi = rot.g.reshape(rot.g.shape + extra), signed(rot.phi).reshape((2,) + rot.phi.shape + extra)
+    return g * pair + phi * jnp.flip(pair, 0)
 
 
 def input_weight_init(key: jax.Array, shape, n_inputs: int, dtype) -> jax.Array:
@@ -228,8 +243,9 @@ def input_weight_gradient(scale: jax.Array, trace: jax.Array) -> jax.Array:
 
     dV/dW1 = Re(conj(delta) z) = a zr + b zi;  dV/dW2 = Re(conj(delta) i z) = b zr - a zi.
     """
+    # as (a, -a) (zr, zi) + b (zi, zr): no stack of the [2, n, d] halves (see `rotate`)
     a, b = scale[0][:, None], scale[1][:, None]
-    return jnp.stack([a * trace[0] + b * trace[1], b * trace[0] - a * trace[1]])
+    return signed(-a) * trace + b * jnp.flip(trace, 0)
 
 
 # --------------------------------------------------------------------------- init
@@ -312,9 +328,8 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     c = recurrent + eta * drive
     # nu_log: dg = -nu g, dphi = -nu phi, deta = nu r^2 / eta;  theta_log: dlambda = i theta lambda
     trace_nu = rotate(rot, state.trace_nu) - rot.nu * recurrent + (rot.nu * rot.r * rot.r / eta) * drive
-    trace_theta = rotate(rot, state.trace_theta) + rot.theta * jnp.stack([-recurrent[1], recurrent[0]])
-    rotated_w = rotate(rot, state.trace_w)
-    trace_w = jnp.stack([rotated_w[0] + eta[:, None] * x_hat[None, :], rotated_w[1]])
+    trace_theta = rotate(rot, state.trace_theta) + signed(rot.theta) * jnp.flip(recurrent, 0)
+    trace_w = add_to_first(rotate(rot, state.trace_w), eta[:, None] * x_hat[None, :])
     input_mean, input_var = common.ema_update(state.input_mean, state.input_var, x, rate, std_cap)
 
     # Head feature statistics (before the prediction), then V.

@@ -262,3 +262,41 @@ def test_config_validation_and_shapes():
     mask = ccn.input_mask(ccn.Config(2, 6, 2, 10))
     assert mask.shape == (6, 2 + 4)
     assert mask[:2].sum(1).tolist() == [2, 2] and mask[2:4].sum(1).tolist() == [4, 4] and mask[4:].all()
+
+
+def test_stale_full_rows_of_the_learning_stage_do_not_matter():
+    """The learning block is the only copy that counts: a state whose full arrays still hold the
+    learning stage's initial rows (as states saved by the code before the block was written back
+    at every step do) steps exactly like the state the learner itself carries, across a stage start."""
+    d, n, k, stage_steps = 3, 6, 2, 8
+    cfg = ccn.Config(d, n, k, stage_steps)
+    hyper = ccn.Hyper(step_size=0.05, lam=0.9, normalization_rate=0.9, std_cap=0.01)
+    initial = ccn.init(cfg, hyper, jax.random.PRNGKey(6))
+    rng = np.random.default_rng(3)
+    steps = 24
+    observations = (rng.random((steps, d)) < 0.5).astype(np.float32)
+    cumulants, gammas = observations[:, 0], np.full(steps, 0.9, np.float32)
+    split = 12  # stage 1 learns from t = 7 to t = 14, stage 2 from t = 15
+    step = jax.jit(lambda s, x, cu, g: ccn.step(cfg, hyper, s, x, cu, g))  # one compilation for the three runs
+
+    def run(state, span):
+        predictions = []
+        for t in span:
+            state, prediction = step(state, observations[t], cumulants[t], gammas[t])
+            predictions.append(np.asarray(prediction))
+        return state, np.array(predictions)
+
+    current, _ = run(initial, range(split))
+    assert int(ccn.stage_at(cfg, current.t)) == 1
+    rows = slice(k, 2 * k)
+    stale = current._replace(weights=current.weights.at[rows].set(initial.weights[rows]),
+                             input_mean=current.input_mean.at[rows].set(0.0),
+                             input_var=current.input_var.at[rows].set(1.0))
+    assert not np.array_equal(stale.weights, current.weights) and not np.array_equal(stale.input_var, current.input_var)
+    final_a, predictions_a = run(current, range(split, steps))
+    final_b, predictions_b = run(stale, range(split, steps))
+    np.testing.assert_array_equal(predictions_a, predictions_b)
+    np.testing.assert_array_equal(ccn.column_weights(cfg, final_a), ccn.column_weights(cfg, final_b))
+    for a, b in zip(ccn.column_input_stats(cfg, final_a), ccn.column_input_stats(cfg, final_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(ccn.stage_at(cfg, final_a.t - 1)) == 2  # the comparison crossed a stage start

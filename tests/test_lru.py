@@ -5,6 +5,8 @@ in complex arithmetic (lambda = exp(-exp(nu_log) + i exp(theta_log)), h = lambda
 not from the learner's real-pair traces, differentiated by jax.jacrev of the unrolled predictions.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +144,18 @@ def test_follows_the_learner_protocol_and_matches_the_ccn_budget():
     matched = compute.matching_shapes(lru, budget, 12, 0.05)
     assert "27" in [cfg.shape for cfg in matched]
     assert all(abs(lru.cost(cfg).flops_per_step - budget) <= 0.05 * budget for cfg in matched)
+
+
+@pytest.mark.parametrize("module", [lru], ids=["lru"])  # the RTU shares the pair helpers (learners/rtu.py)
+def test_batched_step_keeps_its_largest_traces_in_place(module):
+    """The compiled batch (64 runs, 27 units, 12 inputs) keeps every [B, 2, n, d] array in the default
+    layout: stacking the halves of a pair made XLA:CPU carry the LRU's e_B with the pair axis
+    outermost and transpose it every step (issue 14 item 6)."""
+    cfg, batch = module.Config(12, 27), 64
+    hypers = runner.stack_hypers(module.Hyper, [module.Hyper()._asdict()] * batch)
+    batch_runner = runner.BatchRunner(module, cfg, donate=False)
+    carry = batch_runner.init(hypers, jax.random.split(jax.random.PRNGKey(0), batch))
+    hlo = batch_runner._advance.lower(hypers, carry, cyclic_stream(4, period=12)).compile().as_text()
+    big = re.findall(r"f32\[64,2,27,12\](\{[0-9,]*\})? ([\w-]+)\(", hlo)
+    assert big, "no [64, 2, 27, 12] arrays found: the test no longer looks at the traces"
+    assert {layout for layout, _ in big if layout} == {"{3,2,1,0}"}, sorted(set(big))
