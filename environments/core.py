@@ -72,6 +72,8 @@ class Reducer(NamedTuple):
                                                                      after a chunk)
     `read` does not change R: a reducer that reports per-interval numbers counts its own steps and
     rolls its interval over every `log_every` steps (environments/metrics.py).
+    `update` may take a keyword `keep` ([] bool): when False the step leaves R exactly as it was
+    (the orchestrator's divergence guard passes it; a reducer without it is wrapped in a select over R).
     """
 
     init: Callable[[], Any]

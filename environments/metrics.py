@@ -197,7 +197,12 @@ def _msre_reducer(log_every: int, num_blocks: int, block_length: int, per_episod
         episodes = EpisodeState(empty_sum(), empty_sum()) if per_episode else None
         return MsreState(jnp.zeros((), jnp.int32), empty_sum(), empty_sum(), window, episodes)
 
-    def update(state: MsreState, prediction: jax.Array, step: StreamStep) -> MsreState:
+    def update(state: MsreState, prediction: jax.Array, step: StreamStep, keep: jax.Array | None = None) -> MsreState:
+        """One step. keep ([] bool, optional): False leaves the state as it was, bitwise equal to
+        `where(keep, update(state, ...), state)` leaf by leaf, but touching one slot of the block
+        ring instead of all of it (a guard that freezes diverged runs passes it: selecting the
+        whole ring made XLA copy and select all window blocks every step, a cost that grows with
+        window / block_length, i.e. with shorter logging intervals)."""
         scored = ~jnp.isnan(step.true_return)
         error = jnp.asarray(prediction, jnp.float32) - jnp.asarray(step.true_return, jnp.float32)
         squared = jnp.where(scored, error * error, 0.0)
@@ -215,14 +220,15 @@ def _msre_reducer(log_every: int, num_blocks: int, block_length: int, per_episod
             position = window.block_position + 1
             complete = position >= block_length
             slot = window.oldest_slot
+            written = complete if keep is None else complete & keep
             window = WindowState(
                 block=_select(complete, empty_sum(), block),
                 block_position=jnp.where(complete, 0, position),
                 block_totals=window.block_totals.at[slot].set(
-                    jnp.where(complete, block.total, window.block_totals[slot])
+                    jnp.where(written, block.total, window.block_totals[slot])
                 ),
                 block_counts=window.block_counts.at[slot].set(
-                    jnp.where(complete, block.count, window.block_counts[slot])
+                    jnp.where(written, block.count, window.block_counts[slot])
                 ),
                 oldest_slot=jnp.where(complete, (slot + 1) % num_blocks, slot),
             )
@@ -238,7 +244,16 @@ def _msre_reducer(log_every: int, num_blocks: int, block_length: int, per_episod
             episode = _select(starts, empty_sum(), episodes.episode)
             episodes = EpisodeState(add_to_sum(episode, squared, scored), episode_msre)
 
-        return MsreState(interval_position, interval, last_interval, window, episodes)
+        updated = MsreState(interval_position, interval, last_interval, window, episodes)
+        if keep is None:
+            return updated
+        if window is not None:  # the ring is already written only where kept; select the rest
+            ring = (window.block_totals, window.block_counts)
+            updated = updated._replace(window=window._replace(block_totals=None, block_counts=None))
+            old = state._replace(window=state.window._replace(block_totals=None, block_counts=None))
+            kept = _select(keep, updated, old)
+            return kept._replace(window=kept.window._replace(block_totals=ring[0], block_counts=ring[1]))
+        return _select(keep, updated, state)
 
     def read(state: MsreState) -> dict[str, jax.Array]:
         metrics = {"msre_interval": _mean(state.last_interval.total, state.last_interval.count)}

@@ -13,6 +13,10 @@ Per step, the prediction either is returned ([T] per run) or goes to an on-devic
 `guard_reducer` (orchestrator/execute.py) records a run's first non-finite prediction on the
 device; without a reducer the caller sees the predictions themselves.
 
+Log points: `advance_log_points(hypers, carry, L)` runs L chunks of `chunk_steps` steps in one
+call (an outer `lax.scan` over the inner one) and applies a pure `read(carry)` per run after
+each chunk, so one host round trip returns [L, B] read-outs (the reducer's metrics by default).
+
 A learner is a module (or any object) with `init(cfg, hyper, key)` and
 `step(cfg, hyper, state, observation, cumulant, gamma) -> (state, prediction)`.
 """
@@ -99,23 +103,31 @@ class BatchRunner:
         carry = runner.init(hypers, learner_keys, stream_keys)      # hypers: Hyper of [B] arrays
         carry, out = runner.advance(hypers, carry)                  # device stream: one chunk
         carry, out = runner.advance(hypers, carry, steps)           # array chunk [T, ...], shared
+        carry, logged = runner.advance_log_points(hypers, carry, L)          # L chunks, one call
+        carry, logged = runner.advance_log_points(hypers, carry, L, steps)   # steps [L * chunk_steps, ...]
 
     `out` is predictions [B, T] without a reducer, else None (read the reducer's state from
-    `carry.reducer`). The carry's buffers are donated: do not reuse a carry after advancing it.
+    `carry.reducer`). `logged` is `read(carry)` of each run after each of the L chunks, leaves
+    [L, B] (`read`: a pure function of one run's Carry; default: the reducer's `read`). One
+    program is compiled per L. The carry's buffers are donated: do not reuse a carry after
+    advancing it.
     """
 
     def __init__(self, learner, cfg, *, stream: DeviceStream | None = None, reducer: Reducer | None = None,
-                 chunk_steps: int | None = None, donate: bool = True):
+                 chunk_steps: int | None = None, donate: bool = True, read=None):
         if stream is not None and not chunk_steps:
             raise ValueError("BatchRunner with a device stream needs chunk_steps > 0")
         self.learner, self.cfg, self.stream, self.reducer, self.chunk_steps = learner, cfg, stream, reducer, chunk_steps
+        if read is None and reducer is not None:
+            read = lambda carry: reducer.read(carry.reducer)  # noqa: E731
+        self.read = read
         carry_of = functools.partial(init_carry, learner, cfg, stream=stream, reducer=reducer)
         init_one = lambda hyper, lk, sk: carry_of(hyper, lk, stream_key=sk)  # noqa: E731
         some_hyper = learner.Hyper(*[0.0] * len(learner.Hyper._fields))
         key = jax.random.PRNGKey(0)
-        axes = batch_axes(jax.eval_shape(init_one, some_hyper, key, key))
+        self._axes = axes = batch_axes(jax.eval_shape(init_one, some_hyper, key, key))
         self._init = jax.jit(jax.vmap(init_one, out_axes=axes))
-        donate_argnums = (1,) if donate else ()
+        self._donate_argnums = donate_argnums = (1,) if donate else ()
         if stream is not None:
             one = lambda hyper, carry: scan_stream(learner, cfg, hyper, carry, stream, chunk_steps, reducer)  # noqa: E731
             self._advance = jax.jit(jax.vmap(one, in_axes=(0, axes), out_axes=(axes, 0)), donate_argnums=donate_argnums)
@@ -123,6 +135,7 @@ class BatchRunner:
             one = lambda hyper, carry, steps: scan_arrays(learner, cfg, hyper, carry, steps, reducer)  # noqa: E731
             batched = jax.vmap(one, in_axes=(0, axes, None), out_axes=(axes, 0))
             self._advance = jax.jit(batched, donate_argnums=donate_argnums)
+        self._logged: dict[int, Any] = {}  # L -> the compiled L-log-point program
 
     def init(self, hypers, learner_keys: jax.Array, stream_keys: jax.Array | None = None) -> Carry:
         """hypers: the learner's Hyper with [B] arrays; keys [B, 2] (stream_keys only for a device stream)."""
@@ -139,6 +152,54 @@ class BatchRunner:
         if steps is None:
             raise ValueError("this BatchRunner scans array chunks: pass steps (a StreamStep [T, ...])")
         return self._advance(hypers, carry, steps)
+
+    def advance_log_points(self, hypers, carry: Carry, log_points: int, steps: StreamStep | None = None):
+        """Advance every run by `log_points` chunks of `chunk_steps` steps in one call.
+
+        steps: for an array-chunk runner, a StreamStep of [log_points * chunk_steps, ...] (shared).
+        Returns (carry, read-outs with leaves [log_points, B]).
+        """
+        if self.read is None or not self.chunk_steps:
+            raise ValueError("advance_log_points needs chunk_steps > 0 and a reducer (or a read function)")
+        if isinstance(log_points, bool) or not isinstance(log_points, int) or log_points < 1:
+            raise ValueError(f"advance_log_points: log_points must be a positive integer, got {log_points!r}")
+        program = self._logged.get(log_points) or self._log_points_program(log_points)
+        if self.stream is not None:
+            if steps is not None:
+                raise ValueError("this BatchRunner generates its stream on the device; pass no steps")
+            return program(hypers, carry)
+        total = log_points * self.chunk_steps
+        if steps is None or steps.observation.shape[0] != total:
+            got = None if steps is None else steps.observation.shape[0]
+            raise ValueError(f"advance_log_points: pass steps of {log_points} x {self.chunk_steps} = {total} steps, "
+                             f"got {got}")
+        return program(hypers, carry, jax.tree.map(lambda x: x.reshape(log_points, self.chunk_steps, *x.shape[1:]),
+                                                   steps))
+
+    def _log_points_program(self, log_points: int):
+        learner, cfg, stream, reducer, read = self.learner, self.cfg, self.stream, self.reducer, self.read
+        chunk_steps = self.chunk_steps
+
+        if stream is not None:
+            def one(hyper, carry):
+                def log_point(carry, _):
+                    carry, _ = scan_stream(learner, cfg, hyper, carry, stream, chunk_steps, reducer)
+                    return carry, read(carry)
+
+                return lax.scan(log_point, carry, None, length=log_points)
+
+            program = jax.vmap(one, in_axes=(0, self._axes), out_axes=(self._axes, 1))
+        else:
+            def one(hyper, carry, steps):  # steps: [log_points, chunk_steps, ...]
+                def log_point(carry, chunk):
+                    carry, _ = scan_arrays(learner, cfg, hyper, carry, chunk, reducer)
+                    return carry, read(carry)
+
+                return lax.scan(log_point, carry, steps)
+
+            program = jax.vmap(one, in_axes=(0, self._axes, None), out_axes=(self._axes, 1))
+        self._logged[log_points] = jax.jit(program, donate_argnums=self._donate_argnums)
+        return self._logged[log_points]
 
 
 def stack_hypers(hyper_cls, rows: list[dict], dtype=jnp.float32):

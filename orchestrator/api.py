@@ -42,6 +42,17 @@ class SweepPlan:
     batches: list[Batch]
     workers: int | None  # None: one actor per batch (an elastic cluster)
     accelerator: str
+    batch_size: int | None = None  # the batch size asked for (None: automatic)
+    resumable: list[tuple[list[str], int]] = dataclasses.field(default_factory=list)  # checkpoints' (runs, size)
+
+    def recut(self, *, workers: int | None, accelerator: str, max_batch: int | None = None) -> SweepPlan:
+        """The same runs cut into batches for other workers, without reading the results again
+        (max_batch: the automatic batch cap, e.g. a GPU actor's share when actors share a GPU)."""
+        batches = plan_batches(
+            self.sweep.name, self.todo, workers=workers, batch_size=self.batch_size, accelerator=accelerator,
+            resumable=self.resumable, max_batch=max_batch,
+        )
+        return dataclasses.replace(self, batches=batches, workers=workers, accelerator=accelerator)
 
     def describe(self) -> str:
         signatures = len({batch.signature for batch in self.batches})
@@ -85,19 +96,20 @@ def plan_sweep(
 ) -> SweepPlan:
     """Validate the spec, read what is done from the results, and batch the rest."""
     sweep = _sweep(spec)
-    store = ResultsStore(results, sweep.name)
+    return _read_plan(sweep, results, ResultsStore(results, sweep.name), batch_size).recut(
+        workers=workers, accelerator=accelerator
+    )
+
+
+def _read_plan(sweep: Sweep, results: str, store: ResultsStore, batch_size: int | None) -> SweepPlan:
+    """What the results hold, read once: the runs done and the checkpoints' headers (no batches cut yet)."""
     completed = store.completed_runs()
     done = {run.run_key: completed[run.run_key] for run in sweep.runs if run.run_key in completed}
     todo = [run for run in sweep.runs if run.run_key not in done]
-    batches = plan_batches(
-        sweep.name,
-        todo,
-        workers=workers,
-        batch_size=batch_size or sweep.batch_size,
-        accelerator=accelerator,
-        resumable=resumable_batches(store),
+    return SweepPlan(
+        sweep, results, done, todo, [], workers=1, accelerator="cpu",
+        batch_size=batch_size or sweep.batch_size, resumable=resumable_batches(store),
     )
-    return SweepPlan(sweep, results, done, todo, batches, workers, accelerator)
 
 
 @dataclasses.dataclass
@@ -160,6 +172,7 @@ def run_sweep(
     max_actors: int | None = None,
     takeover: bool = False,
     lease_expiry: float | None = None,
+    actors_per_gpu: int | None = None,
 ) -> SweepReport:
     """Run every run of the spec that the results do not hold yet, on Ray.
 
@@ -170,7 +183,8 @@ def run_sweep(
     Ray with `workers` CPUs (default: all cores) and stops it at the end. max_actors: the most
     actors the sweep holds at once (default: on a cluster, one per queued batch, so an autoscaler
     grows the cluster to fit the sweep; on the embedded Ray, one per CPU); on a cluster it also
-    sizes the batches (each of max_actors actors gets work). batch_size overrides the
+    sizes the batches (each of max_actors actors gets work). actors_per_gpu: GPU actors sharing
+    each GPU (default schedule.DEFAULT_ACTORS_PER_GPU; docs/cluster.md). batch_size overrides the
     automatic batch size (and the spec's). wandb: disabled | offline | online, or None (the
     default, as for `ccn run`) for tracking.default_mode(): $WANDB_MODE, else disabled
     (orchestrator.tracking; W&B errors are warnings). progress: True
@@ -198,6 +212,9 @@ def run_sweep(
         raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb!r}")
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    actors_per_gpu = schedule.check_actors_per_gpu(
+        schedule.DEFAULT_ACTORS_PER_GPU if actors_per_gpu is None else actors_per_gpu
+    )
     sweep = _sweep(spec)
     if stage == "evaluate":
         sweep = evaluation_sweep(sweep, results)
@@ -209,7 +226,7 @@ def run_sweep(
     lease.keep_alive(interrupt_main=threading.current_thread() is threading.main_thread())
     try:  # holding the sweep's lease: no other driver cleans up or writes this sweep now
         store.remove_orphans()
-        preview = plan_sweep(sweep, results, batch_size=batch_size)
+        preview = _read_plan(sweep, results, store, batch_size)  # the results are read here only
         outcome = schedule.SweepOutcome()
         if preview.todo:
             import ray
@@ -218,11 +235,13 @@ def run_sweep(
             try:
                 # attached to a cluster (which may autoscale): actors follow the queue, up to
                 # max_actors; the embedded Ray: one per CPU. The plan never counts nodes alive now.
-                actors = schedule.cluster_workers(max_actors, elastic=bool(address))
+                actors = schedule.cluster_workers(max_actors, elastic=bool(address), actors_per_gpu=actors_per_gpu)
                 if workers and not address:
                     actors = dataclasses.replace(actors, cpu=min(actors.cpu, workers))
-                plan = plan_sweep(
-                    sweep, results, workers=actors.planned, accelerator=actors.accelerator, batch_size=batch_size
+                plan = preview.recut(
+                    workers=actors.planned,
+                    accelerator=actors.accelerator,
+                    max_batch=actors.gpu_batch_limit if actors.accelerator == "gpu" else None,
                 )
                 stream = progress if hasattr(progress, "write") else sys.stderr
                 steps = sum(b.learner_steps for b in plan.batches)

@@ -2,26 +2,38 @@
 
 No Ray here: an actor (orchestrator.schedule) holds a `BatchExecutor`, and so can a script or
 a benchmark. The executor keeps one `learners.runner.BatchRunner` per static signature, so each
-signature compiles once per process; hyperparameters and seeds are arrays [B]. A chunk is
-`log_every` steps; after each chunk the host reads only the reduced metrics [B].
+signature compiles once per process; hyperparameters and seeds are arrays [B].
+
+Chunks: one jitted call advances the batch by L log points (`advance_log_points`: L x `log_every`
+steps, each log point followed on the device by the reducer's read and a state-finiteness check)
+and returns arrays [L, B]; the host makes one round trip per call (`round_trips`). L is chosen for
+throughput, independent of `log_every`: the fewest log points making at least `chunk_target_steps`
+steps (CHUNK_TARGET_STEPS), a divisor of the run's log points when one of at least half that
+exists (else a second, remainder program), and for a host (recorded) stream at most
+`host_chunk_bytes` of stream arrays per call. Metrics stay arrays up to the columnar table
+(`schema.metrics_table`): no Python object per run per log point.
 
 Divergence: the task's reducer is wrapped (`guard_reducer`, the one divergence flag) so that a
-run's first non-finite prediction records the step and freezes its metrics; after each chunk the
-learner state is also checked for non-finite values. Such a run is `diverged`; the rest of its
-batch goes on.
+run's first non-finite prediction records the step and freezes its metrics; at each log point
+the learner state is also checked for non-finite values (divergence step: that log point's). Such
+a run is `diverged` and has metric rows only for the log points before its divergence step; the
+rest of its batch goes on.
 
 Precision: a batch of `dtype = "float64"` learners is compiled and run with 64-bit JAX enabled
 for that batch only (`jax.enable_x64`, a context: float32 batches in the same process are not
 affected, whatever ran before them).
 
 Checkpoints: given a checkpoint store (a ResultsStore) and `checkpoint_every` steps, the
-executor saves the batch's whole state every `checkpoint_every` steps (orchestrator.checkpoint)
-and, before starting, resumes from the batch's checkpoint when one exists for the same program.
+executor saves the batch's state at the first chunk boundary at or past each multiple of
+`checkpoint_every` (orchestrator.checkpoint): first a Parquet segment of the metric rows logged
+since the previous checkpoint, then the checkpoint naming its segments. Before starting it
+resumes from the batch's checkpoint (and its segments) when one exists for the same program.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -36,10 +48,12 @@ from orchestrator import checkpoint as checkpoints_format
 from orchestrator.learner_kinds import learner_kind
 from orchestrator.plan import Batch
 from orchestrator.runs import Run, package_version
-from orchestrator.schema import SCHEMA_VERSION, to_table
+from orchestrator.schema import SCHEMA_VERSION, metrics_table, to_table
 from orchestrator.task_kinds import task_kind
 
 NOT_DIVERGED = -1
+CHUNK_TARGET_STEPS = 10_000  # steps one jitted call advances at least (whole log points; ~0.5-2 s of device work)
+HOST_CHUNK_BYTES = 64 * 2**20  # a host stream's arrays per call at most (observations, cumulants, ...)
 
 
 class GuardState(NamedTuple):
@@ -58,13 +72,18 @@ def guard_reducer(reducer):
     def init():
         return GuardState(reducer.init(), jnp.zeros((), jnp.int32), jnp.full((), NOT_DIVERGED, jnp.int32))
 
+    takes_keep = "keep" in inspect.signature(reducer.update).parameters
+
     def update(state: GuardState, prediction, step):
         steps = state.steps + 1
         healthy = state.diverged_at == NOT_DIVERGED
         finite = jnp.isfinite(prediction)
-        updated = reducer.update(state.inner, jnp.where(finite, prediction, 0.0), step)
         keep = healthy & finite
-        inner = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, state.inner)
+        if takes_keep:  # the reducer skips the step itself: no select over (and copy of) its whole state per step
+            inner = reducer.update(state.inner, jnp.where(finite, prediction, 0.0), step, keep=keep)
+        else:
+            updated = reducer.update(state.inner, jnp.where(finite, prediction, 0.0), step)
+            inner = jax.tree.map(lambda new, old: jnp.where(keep, new, old), updated, state.inner)
         diverged_at = jnp.where(healthy & ~finite, steps, state.diverged_at)
         return GuardState(inner, steps, diverged_at)
 
@@ -100,22 +119,45 @@ def device_description() -> str:
     return f"{device.platform}:{device.id} {getattr(device, 'device_kind', '')}".strip()
 
 
+def log_points_per_call(log_points: int, log_every: int, target_steps: int, max_log_points: int | None = None) -> int:
+    """L, the log points one jitted call advances: the fewest making >= `target_steps` steps (at
+    most `max_log_points` and the run's `log_points`), lowered to the largest divisor of
+    `log_points` when that is >= L / 2 (then no remainder program is needed)."""
+    chunk = max(1, -(-target_steps // log_every))
+    if max_log_points is not None:
+        chunk = min(chunk, max(1, max_log_points))
+    chunk = min(chunk, log_points)
+    divisor = next(d for d in range(chunk, 0, -1) if log_points % d == 0)
+    return divisor if 2 * divisor >= chunk else chunk
+
+
 @dataclass
 class _Compiled:
-    """What one static signature needs: the runner (compiled on first use) and read-outs."""
+    """What one static signature needs: the runner (compiled on first use, one program per L)."""
 
     runner: Any
-    read_metrics: Any  # carry -> dict of [B] arrays
-    state_finite: Any  # carry -> [B] bool
     device_stream: bool  # generated inside the scan (else replayed from a recording per batch)
     module: Any
     cost: Any
 
 
-class BatchExecutor:
-    """Runs batches in this process; compiles once per static signature (cache in `compiled`)."""
+class _Logged(NamedTuple):
+    """Metric rows as arrays (one entry per kept row, log point major, batch order within)."""
 
-    def __init__(self, compilation_cache_dir: str | None = None):
+    run_index: np.ndarray  # [rows] index into the batch's runs
+    step: np.ndarray  # [rows] int64
+    metrics: dict[str, np.ndarray]  # name -> [rows] float32 (as read on the device)
+
+
+class BatchExecutor:
+    """Runs batches in this process; compiles once per static signature (cache in `compiled`).
+
+    chunk_target_steps / host_chunk_bytes: how long one jitted call is (module doc); `round_trips`
+    counts the host round trips (one per call) since the executor was made.
+    """
+
+    def __init__(self, compilation_cache_dir: str | None = None, *, chunk_target_steps: int = CHUNK_TARGET_STEPS,
+                 host_chunk_bytes: int = HOST_CHUNK_BYTES):
         import jax
 
         import learners  # noqa: F401  (adds its XLA flags before the backend starts in device_description)
@@ -127,6 +169,10 @@ class BatchExecutor:
         self.host = socket.gethostname()
         self.device = device_description()
         self.node: str | None = None  # the cluster node's id, set by whoever places the executor
+        self.chunk_target_steps = chunk_target_steps
+        self.host_chunk_bytes = host_chunk_bytes
+        self.round_trips = 0  # jitted calls whose read-outs came back to the host
+        self.last_log_points_per_call: int | None = None  # L chosen for the last batch run
 
     def _compile(self, batch: Batch) -> _Compiled:
         import jax
@@ -144,37 +190,40 @@ class BatchExecutor:
         task = task_kind(run.task.kind)
         device_stream = task.device
         stream = task.device_stream(run.task.params_dict) if device_stream else None
-        runner = learner_runner.BatchRunner(module, cfg, stream=stream, reducer=reducer, chunk_steps=run.log_every)
-        read_metrics = jax.jit(lambda carry: jax.vmap(reducer.read)(carry.reducer))
 
-        def state_finite(carry):
-            """[B] bool: every float in each run's learner state is finite (predictions: the guard)."""
-            size = carry.reducer.diverged_at.shape[0]
-            checks = [
-                jnp.all(jnp.isfinite(leaf.reshape(size, -1)), axis=1)
-                for leaf in jax.tree.leaves(carry.learner)
-                if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.ndim >= 1 and leaf.shape[0] == size
-            ]
-            return jnp.all(jnp.stack(checks), axis=0) if checks else jnp.ones((size,), bool)
+        def read(carry):
+            """One run's read-out at a log point: (the guarded reducer's metrics, its learner state is finite)."""
+            floats = [leaf for leaf in jax.tree.leaves(carry.learner) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in floats])) if floats else jnp.bool_(True)
+            return reducer.read(carry.reducer), finite
 
+        runner = learner_runner.BatchRunner(module, cfg, stream=stream, reducer=reducer, chunk_steps=run.log_every,
+                                            read=read)
         cost = kind.cost(run.config_dict, run.task.n_inputs)
-        compiled = _Compiled(runner, read_metrics, jax.jit(state_finite), device_stream, module, cost)
+        compiled = _Compiled(runner, device_stream, module, cost)
         self.compiled[batch.signature] = compiled
         return compiled
 
-    def run(
-        self, batch: Batch, attempt: int = 1, *, checkpoints=None, checkpoint_every: int = 0
-    ) -> tuple[list[dict], list[dict]]:
-        """Advance every run of `batch` to the end; returns (runs rows, metrics rows).
+    def log_points_per_call(self, batch: Batch) -> int:
+        """L for this batch (module doc)."""
+        run = batch.runs[0]
+        cap = None
+        if not task_kind(run.task.kind).device:  # host stream: observation [d] + cumulant, gamma, true_return
+            bytes_per_log_point = 4 * (run.task.n_inputs + 3) * run.log_every
+            cap = self.host_chunk_bytes // bytes_per_log_point
+        return log_points_per_call(run.steps // run.log_every, run.log_every, self.chunk_target_steps, cap)
 
-        checkpoints: a store with read_checkpoint / write_checkpoint(batch_key, bytes) (a
-        ResultsStore) or None; checkpoint_every: steps between checkpoints (a multiple of the
-        batch's log_every; 0: never save, but still resume from an existing checkpoint).
+    def run(self, batch: Batch, attempt: int = 1, *, checkpoints=None, checkpoint_every: int = 0):
+        """Advance every run of `batch` to the end; returns (runs rows, metrics table).
+
+        checkpoints: a ResultsStore (read/write_checkpoint, write/read_segment) or None;
+        checkpoint_every: steps between checkpoints (taken at the first chunk boundary at or past
+        each multiple; 0: never save, but still resume from an existing checkpoint).
         """
         with precision(batch):
             return self._run(batch, attempt, checkpoints=checkpoints, checkpoint_every=checkpoint_every)
 
-    def _run(self, batch: Batch, attempt: int, *, checkpoints, checkpoint_every: int) -> tuple[list[dict], list[dict]]:
+    def _run(self, batch: Batch, attempt: int, *, checkpoints, checkpoint_every: int):
         import jax
         import jax.numpy as jnp
 
@@ -193,61 +242,65 @@ class BatchExecutor:
         structure = jax.tree.structure(carry)
 
         run0 = batch.runs[0]
-        chunks = run0.steps // run0.log_every
+        log_every, total_points = run0.log_every, run0.steps // run0.log_every
         size = len(batch.runs)
         diverged_at = np.full(size, NOT_DIVERGED, np.int64)
-        metric_rows: list[dict] = []
-        first_chunk, spent_before, resumed_from = 0, 0.0, None
+        point, spent_before, resumed_from = 0, 0.0, None
+        segments: list[str] = []
+        earlier: list = []  # metric tables of the segments resumed from
         restored = self._restore(checkpoints, batch, carry) if checkpoints is not None else None
         if restored is not None:
-            carry = jax.tree.unflatten(structure, [jnp.asarray(leaf) for leaf in restored.leaves])
-            first_chunk = restored.steps_done // run0.log_every
-            diverged_at = np.asarray(restored.diverged_at, np.int64).copy()
-            metric_rows = list(restored.metric_rows)
-            spent_before, resumed_from = restored.compute_seconds, restored.steps_done
+            checkpoint, earlier = restored
+            carry = jax.tree.unflatten(structure, device_leaves(checkpoint.leaves, jax.tree.leaves(carry)))
+            point = checkpoint.steps_done // log_every
+            diverged_at = np.asarray(checkpoint.diverged_at, np.int64).copy()
+            segments = list(checkpoint.segments)
+            spent_before, resumed_from = checkpoint.compute_seconds, checkpoint.steps_done
             if recorded is not None:
-                _seek(recorded, restored.stream_position)
-        for chunk in range(first_chunk, chunks):
-            steps_done = (chunk + 1) * run0.log_every
-            if recorded is None:
-                carry, _ = compiled.runner.advance(hypers, carry)
-            else:
-                carry, _ = compiled.runner.advance(hypers, carry, recorded.take(run0.log_every))
-            values = jax.device_get(compiled.read_metrics(carry))
-            finite = np.asarray(jax.device_get(compiled.state_finite(carry)))[:size]
-            prediction_diverged = np.asarray(values.pop("diverged_at"))[:size]
-            newly = (diverged_at == NOT_DIVERGED) & (prediction_diverged != NOT_DIVERGED)
-            diverged_at[newly] = prediction_diverged[newly]
-            newly = (diverged_at == NOT_DIVERGED) & ~finite
-            diverged_at[newly] = steps_done
-            for index, run in enumerate(batch.runs):
-                if diverged_at[index] != NOT_DIVERGED:
-                    continue
-                row = {
-                    "run_key": run.run_key,
-                    "learner": run.learner,
-                    "task": run.task.name,
-                    "step": steps_done,
-                    "cumulative_flops": compiled.cost.flops_per_step * steps_done,
-                }
-                row.update({name: _float(value[index]) for name, value in values.items()})
-                metric_rows.append(row)
-            if checkpoints is not None and checkpoint_every and steps_done % checkpoint_every == 0 \
-                    and steps_done < run0.steps:
-                checkpoint = checkpoints_format.Checkpoint(
-                    batch_key=batch.batch_key,
-                    run_keys=[run.run_key for run in batch.runs],
-                    padded_size=batch.padded_size,
-                    steps_done=steps_done,
-                    structure=str(structure),
-                    leaves=[np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(carry))],
-                    diverged_at=diverged_at,
-                    metric_rows=metric_rows,
-                    stream_position=None if recorded is None else recorded.steps_taken,
-                    compute_seconds=spent_before + time.perf_counter() - started,
-                )
-                checkpoints.write_checkpoint(batch.batch_key, checkpoints_format.encode(checkpoint))
+                _seek(recorded, checkpoint.stream_position)
+        per_call = self.last_log_points_per_call = self.log_points_per_call(batch)
+        logged: list[_Logged] = []
+        saved_upto = len(logged)  # logged[saved_upto:] are not in a segment yet
+        saved_step = tried_step = point * log_every  # the last checkpoint written / attempted
+        while point < total_points:
+            count = min(per_call, total_points - point)
+            steps = None if recorded is None else recorded.take(count * log_every)
+            carry, read_out = compiled.runner.advance_log_points(hypers, carry, count, steps)
+            values, finite = jax.device_get(read_out)
+            self.round_trips += 1
+            steps_at = (point + 1 + np.arange(count, dtype=np.int64)) * log_every  # [count]
+            guard = np.asarray(values.pop("diverged_at"))[-1, :size].astype(np.int64)
+            logged.append(_take_rows(diverged_at, steps_at, guard, np.asarray(finite)[:, :size],
+                                     {name: np.asarray(value)[:, :size] for name, value in values.items()}))
+            point += count
+            steps_done = point * log_every
+            due = checkpoint_every and steps_done // checkpoint_every > tried_step // checkpoint_every
+            if checkpoints is not None and due and steps_done < run0.steps:
+                tried_step = steps_done
+                name = f"{saved_step + log_every}-{steps_done}"
+                segment = self._metrics_table(batch, compiled.cost, logged[saved_upto:])
+                if checkpoints.write_segment(batch.batch_key, name, segment):
+                    checkpoint = checkpoints_format.Checkpoint(
+                        batch_key=batch.batch_key,
+                        run_keys=[run.run_key for run in batch.runs],
+                        padded_size=batch.padded_size,
+                        steps_done=steps_done,
+                        structure=str(structure),
+                        leaves=host_leaves(carry),
+                        diverged_at=diverged_at,
+                        segments=[*segments, name],
+                        stream_position=None if recorded is None else recorded.steps_taken,
+                        compute_seconds=spent_before + time.perf_counter() - started,
+                    )
+                    written = checkpoints.write_checkpoint(batch.batch_key, checkpoints_format.encode(checkpoint))
+                    if written is not False:  # else the next checkpoint's segment starts where this one did
+                        segments, saved_upto, saved_step = checkpoint.segments, len(logged), steps_done
 
+        metrics = self._metrics_table(batch, compiled.cost, logged)
+        if earlier:
+            import pyarrow as pa
+
+            metrics = pa.concat_tables([*earlier, metrics]).replace_schema_metadata(metrics.schema.metadata)
         wall_seconds = spent_before + time.perf_counter() - started
         finished_at = datetime.now(UTC)
         run_rows = [
@@ -266,11 +319,27 @@ class BatchExecutor:
             )
             for i, run in enumerate(batch.runs)
         ]
-        return run_rows, metric_rows
+        return run_rows, metrics
 
     @staticmethod
-    def _restore(checkpoints, batch: Batch, carry) -> checkpoints_format.Checkpoint | None:
-        """The batch's checkpoint if it fits this program exactly (same runs, tree and leaf shapes)."""
+    def _metrics_table(batch: Batch, cost, logged: list[_Logged]):
+        """The metrics table of these rows (schema.metrics_table)."""
+        names = sorted({name for part in logged for name in part.metrics})
+        step = np.concatenate([part.step for part in logged]) if logged else np.zeros(0, np.int64)
+        return metrics_table(
+            [run.run_key for run in batch.runs],
+            [run.learner for run in batch.runs],
+            [run.task.name for run in batch.runs],
+            np.concatenate([part.run_index for part in logged]) if logged else np.zeros(0, np.int64),
+            step,
+            step * np.int64(cost.flops_per_step),
+            {name: np.concatenate([part.metrics[name] for part in logged]) for name in names},
+        )
+
+    @staticmethod
+    def _restore(checkpoints, batch: Batch, carry):
+        """(the batch's checkpoint, its segments' tables) if it fits this program exactly (same runs,
+        tree and leaf shapes) and every segment it names reads back; else None (start over)."""
         import jax
 
         data = checkpoints.read_checkpoint(batch.batch_key)
@@ -280,7 +349,7 @@ class BatchExecutor:
             checkpoint = checkpoints_format.decode(data)
         except ValueError:
             return None
-        fresh = jax.tree.leaves(carry)
+        fresh = jax.eval_shape(_key_data, carry)  # the host forms' shapes and dtypes
         fits = (
             checkpoint.batch_key == batch.batch_key
             and checkpoint.run_keys == [run.run_key for run in batch.runs]
@@ -291,12 +360,67 @@ class BatchExecutor:
             and checkpoint.steps_done % batch.runs[0].log_every == 0
             and 0 < checkpoint.steps_done < batch.runs[0].steps
         )
-        return checkpoint if fits else None
+        if not fits:
+            return None
+        tables = [checkpoints.read_segment(batch.batch_key, name) for name in checkpoint.segments]
+        if any(table is None for table in tables):
+            return None
+        return checkpoint, tables
 
     def tables(self, batch: Batch, attempt: int = 1, **checkpointing):
         """run(...) as Arrow tables of the results schema: (runs, metrics)."""
-        run_rows, metric_rows = self.run(batch, attempt, **checkpointing)
-        return to_table("runs", run_rows), to_table("metrics", metric_rows)
+        run_rows, metrics = self.run(batch, attempt, **checkpointing)
+        return to_table("runs", run_rows), metrics
+
+
+def _is_key(leaf) -> bool:
+    import jax
+
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(carry) -> list:
+    """The carry's leaves, a typed PRNG key as its key data (uint32 [..., 2] for threefry)."""
+    import jax
+
+    return [jax.random.key_data(leaf) if _is_key(leaf) else leaf for leaf in jax.tree.leaves(carry)]
+
+
+def host_leaves(carry) -> list[np.ndarray]:
+    """The carry's leaves for a checkpoint, as NumPy arrays; a typed PRNG key as its key data (a
+    learner may keep keys in its state, e.g. UORO's random signs)."""
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.device_get(_key_data(carry))]
+
+
+def device_leaves(saved: list, fresh: list) -> list:
+    """host_leaves(...) back into device arrays shaped like `fresh` (typed keys rewrapped with their impl)."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(value, like):
+        return jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(like)) if _is_key(like) \
+            else jnp.asarray(value)
+
+    return [one(value, like) for value, like in zip(saved, fresh, strict=True)]
+
+
+def _take_rows(diverged_at: np.ndarray, steps_at: np.ndarray, guard: np.ndarray, finite: np.ndarray,
+               values: dict[str, np.ndarray]) -> _Logged:
+    """Update `diverged_at` [runs] (in place) from one call's read-outs and keep the rows before each
+    run's divergence: the guard's step of the first non-finite prediction ([runs], at the call's last
+    log point), else the first log point whose state is not finite ([count, runs]); the earlier wins."""
+    never = np.iinfo(np.int64).max
+    by_guard = np.where(guard != NOT_DIVERGED, guard, never)
+    bad = ~finite
+    by_state = np.where(bad.any(axis=0), steps_at[np.argmax(bad, axis=0)], never)
+    found = np.minimum(by_guard, by_state)
+    newly = (diverged_at == NOT_DIVERGED) & (found != never)
+    diverged_at[newly] = found[newly]
+    keep = (diverged_at == NOT_DIVERGED)[None, :] | (steps_at[:, None] < diverged_at[None, :])
+    points, runs = np.nonzero(keep)
+    return _Logged(runs.astype(np.int64), steps_at[points], {name: value[keep] for name, value in values.items()})
 
 
 def runs_row(
@@ -388,11 +512,6 @@ def _seek(stream, position: int) -> None:
         taken = min(remaining, 100_000)
         stream.take(taken)
         remaining -= taken
-
-
-def _float(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
 
 
 def default_compilation_cache_dir() -> str:

@@ -80,10 +80,12 @@ def plan_batches(
     batch_size: int | None = None,
     accelerator: str = "cpu",
     resumable: Iterable[tuple[Iterable[str], int]] = (),
+    max_batch: int | None = None,
 ) -> list[Batch]:
     """Group `runs` by signature and cut each group into near-equal batches.
 
-    batch_size None (auto): at most `max_batch_size(accelerator)` and small enough that every
+    batch_size None (auto): at most `max_batch` (default `max_batch_size(accelerator)`; GPU actors
+    sharing a GPU pass their share of it) and small enough that every
     one of `workers` actors gets work; with workers None (an elastic cluster, whose size the
     plan must not depend on) batches of CPU_ELASTIC_BATCH runs, one actor each. Batches come
     largest-work first (learner-steps x runs).
@@ -107,10 +109,11 @@ def plan_batches(
     if total == 0:
         return []
     if batch_size is None:
+        cap = max_batch_size(accelerator) if max_batch is None else max(1, min(max_batch, max_batch_size(accelerator)))
         if workers is None:
-            batch_size = min(max_batch_size(accelerator), CPU_ELASTIC_BATCH)
+            batch_size = min(cap, CPU_ELASTIC_BATCH)
         else:
-            batch_size = max(1, min(max_batch_size(accelerator), math.ceil(total / max(1, workers))))
+            batch_size = max(1, min(cap, math.ceil(total / max(1, workers))))
     for group in groups.values():
         count = math.ceil(len(group) / batch_size)
         base, extra = divmod(len(group), count)

@@ -6,6 +6,7 @@ Layout under a results root (a local path or any pyarrow filesystem URI, e.g. s3
     <root>/<sweep>/metrics/learner=<kind>/task=<task>/<batch_key>.parquet   one row per run per log point
     <root>/<sweep>/failures/<batch_key>.json                                a batch that gave up
     <root>/<sweep>/checkpoints/<batch_key>.ckpt                             an unfinished batch's state
+    <root>/<sweep>/checkpoints/<batch_key>.metrics/<first>-<last>.parquet   its metric rows, per checkpoint
 
 Exactly-once: a batch's file name is derived from its run keys; each file is written under a
 hidden temporary name and renamed (on object stores a single PUT). The metrics file is written
@@ -108,6 +109,13 @@ class ResultsStore:
     def checkpoint_path(self, batch_key: str) -> str:
         return f"{self.base}/checkpoints/{batch_key}.ckpt"
 
+    def segment_dir(self, batch_key: str) -> str:
+        """The folder of a checkpointed batch's metric segments (orchestrator.checkpoint)."""
+        return f"{self.base}/checkpoints/{batch_key}.metrics"
+
+    def segment_path(self, batch_key: str, name: str) -> str:
+        return f"{self.segment_dir(batch_key)}/{name}.parquet"
+
     # -- writing --------------------------------------------------------------------------
     def _write_atomically(self, path: str, write) -> None:
         folder, name = path.rsplit("/", 1)
@@ -194,8 +202,50 @@ class ResultsStore:
             return None
 
     def delete_checkpoint(self, batch_key: str) -> None:
+        """Delete the batch's checkpoint and its metric segments."""
         with contextlib.suppress(FileNotFoundError, OSError):
             self.filesystem.delete_file(self.checkpoint_path(batch_key))
+        self.delete_segments(batch_key)
+
+    def write_segment(self, batch_key: str, name: str, metrics: pa.Table) -> bool:
+        """Write one metric segment of a checkpointed batch atomically (a metrics-schema table).
+
+        Never raises (as write_checkpoint): a segment that cannot be written warns and returns
+        False; the caller then writes no checkpoint naming it.
+        """
+        if not metrics.schema.equals(TABLES["metrics"], check_metadata=False):
+            raise ValueError("a metric segment must have the metrics schema (build it with schema.metrics_table)")
+        path = self.segment_path(batch_key, name)
+        try:
+            self._write_atomically(path, lambda p: pq.write_table(metrics, p, filesystem=self.filesystem))
+        except Exception as problem:  # noqa: BLE001 - a checkpoint is an optimisation, never a failure
+            warn(f"cannot write the metric segment {path}: {_one_line(problem)}; the batch goes on without "
+                 "this checkpoint")
+            return False
+        return True
+
+    def list_segments(self, batch_key: str) -> list[str]:
+        """Names of the batch's metric segments on storage (listed or not by its checkpoint)."""
+        return sorted(info.base_name[: -len(".parquet")] for info in self._files(self.segment_dir(batch_key))
+                      if info.base_name.endswith(".parquet"))
+
+    def read_segment(self, batch_key: str, name: str) -> pa.Table | None:
+        """A metric segment's rows, or None when it is missing or cannot be read (the checkpoint is then not used)."""
+        try:
+            table = pq.read_table(self.segment_path(batch_key, name), filesystem=self.filesystem)
+        except UNREADABLE:
+            return None
+        return table if table.schema.equals(TABLES["metrics"], check_metadata=False) else None
+
+    def delete_segments(self, batch_key: str, keep: tuple[str, ...] | list[str] = ()) -> None:
+        """Delete the batch's metric segments except `keep` (the folder too when none is kept)."""
+        if not keep:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.filesystem.delete_dir(self.segment_dir(batch_key))
+            return
+        for name in set(self.list_segments(batch_key)) - set(keep):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.filesystem.delete_file(self.segment_path(batch_key, name))
 
     def checkpoint_keys(self) -> list[str]:
         """Batch keys that have a checkpoint."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from orchestrator.learner_kinds import LEARNER_KINDS
@@ -132,3 +133,32 @@ def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     if unknown:
         raise ValueError(f"{name} rows have columns the schema lacks: {sorted(unknown)} (add them to schema.py)")
     return pa.Table.from_pydict({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
+
+
+def metrics_table(run_keys, learners, tasks, run_index, step, cumulative_flops, metrics) -> pa.Table:
+    """The metrics table, built column by column from arrays (no dict per row): exactly the schema of
+    `to_table("metrics", rows)`.
+
+    run_keys / learners / tasks: one string per run of the batch; run_index [rows] ints into them;
+    step, cumulative_flops [rows] ints; metrics: name -> [rows] floats, non-finite values null (a
+    metric column not given is null). Unknown metric names are an error.
+    """
+    unknown = set(metrics) - set(METRIC_COLUMNS)
+    if unknown:
+        raise ValueError(f"metrics columns the schema lacks: {sorted(unknown)} (add them to schema.py)")
+    index = pa.array(np.asarray(run_index, np.int64))
+    rows = len(index)
+    columns = {
+        "run_key": pa.array(list(run_keys), pa.string()).take(index),
+        "learner": pa.array(list(learners), pa.string()).take(index),
+        "task": pa.array(list(tasks), pa.string()).take(index),
+        "step": pa.array(np.asarray(step, np.int64)),
+        "cumulative_flops": pa.array(np.asarray(cumulative_flops, np.int64)),
+    }
+    for name in METRIC_COLUMNS:
+        if name not in metrics:
+            columns[name] = pa.nulls(rows, pa.float64())
+            continue
+        values = np.asarray(metrics[name], np.float64)
+        columns[name] = pa.array(values, pa.float64(), mask=~np.isfinite(values))
+    return pa.Table.from_arrays([columns[field.name] for field in METRICS_SCHEMA], schema=METRICS_SCHEMA)

@@ -6,6 +6,7 @@ the driver retries the batch on a new actor, which resumes from the checkpoint).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import textwrap
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from orchestrator import api, checkpoint
-from orchestrator.execute import BatchExecutor
+from orchestrator.execute import CHUNK_TARGET_STEPS, BatchExecutor
 from orchestrator.plan import plan_batches
 from orchestrator.results import ResultsStore
 from orchestrator.spec import SpecError, load_spec
@@ -53,46 +55,132 @@ class Crash(RuntimeError):
 
 
 class CrashingStore(ResultsStore):
-    """A real results store whose process 'dies' right after its n-th checkpoint is written."""
+    """A real results store whose process 'dies' right after its n-th checkpoint (or segment) is written."""
 
-    def __init__(self, root, sweep, crash_after: int):
+    def __init__(self, root, sweep, crash_after: int, crash_on: str = "checkpoint"):
         super().__init__(root, sweep)
-        self.crash_after, self.written = crash_after, 0
+        self.crash_after, self.crash_on, self.written = crash_after, crash_on, 0
+        self.checkpoints: list[bytes] = []  # every checkpoint written, in order
+        self.segment_bytes: list[int] = []  # the size of every segment written
+
+    def write_segment(self, batch_key, name, metrics):
+        written = super().write_segment(batch_key, name, metrics)
+        self.segment_bytes.append(Path(self.segment_path(batch_key, name)).stat().st_size)
+        self._maybe_crash("segment")
+        return written
 
     def write_checkpoint(self, batch_key, data):
-        super().write_checkpoint(batch_key, data)
-        self.written += 1
-        if self.written == self.crash_after:
-            raise Crash(f"killed after checkpoint {self.written}")
+        written = super().write_checkpoint(batch_key, data)
+        self.checkpoints.append(data)
+        self._maybe_crash("checkpoint")
+        return written
+
+    def _maybe_crash(self, what):
+        if what == self.crash_on:
+            self.written += 1
+            if self.written == self.crash_after:
+                raise Crash(f"killed after {what} {self.written}")
 
 
 @pytest.fixture(scope="module")
 def executor():
-    """One executor for the in-process tests: the tiny program compiles once."""
-    return BatchExecutor()
+    """One executor for the in-process tests: the tiny program compiles once per log points per call."""
+    made = BatchExecutor()
+    yield made
+    made.chunk_target_steps = CHUNK_TARGET_STEPS
 
 
-def comparable(rows):
-    """Metric rows as sortable tuples (floats exactly as computed)."""
-    return sorted(tuple(sorted(row.items())) for row in rows)
-
-
-def test_a_batch_stopped_after_a_checkpoint_resumes_from_it_with_identical_results(tmp_path, executor):
-    sweep = load_spec(write_spec(tmp_path))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, executor):
+    """The uninterrupted batch (no store: never checkpoints), one log point per call: (sweep, batch, runs, metrics)."""
+    sweep = load_spec(write_spec(tmp_path_factory.mktemp("reference")))
     [batch] = plan_batches(sweep.name, sweep.runs, workers=1, batch_size=4)
-    reference_runs, reference_metrics = executor.run(batch)  # no store: never checkpoints
+    per_call(executor, 1)
+    runs, metrics = executor.run(batch)
+    return sweep, batch, runs, metrics
 
-    store = CrashingStore(str(tmp_path / "results"), sweep.name, crash_after=2)  # at steps 2000 and 4000
+
+def per_call(executor, log_points: int) -> None:
+    """Make the executor advance `log_points` log points per call (log_every = 1000; 6 log points)."""
+    executor.chunk_target_steps = 1000 * log_points
+
+
+def header_bytes(data: bytes) -> bytes:
+    with np.load(io.BytesIO(data)) as archive:
+        return archive["header"].tobytes()
+
+
+@pytest.mark.parametrize("crashed_per_call, crash_after, resumed_at, resumed_per_call", [
+    (1, 2, 4000, 1),  # checkpoints at 2000 and 4000
+    (3, 1, 3000, 3),  # calls end at 3000 and 6000: the checkpoint due at 2000 is taken at 3000
+    (1, 2, 4000, 3),  # resumed with another chunking: the last 2 log points in one call
+])
+def test_a_batch_stopped_after_a_checkpoint_resumes_from_it_with_identical_results(
+        tmp_path, executor, reference, crashed_per_call, crash_after, resumed_at, resumed_per_call):
+    sweep, batch, reference_runs, reference_metrics = reference
+    store = CrashingStore(str(tmp_path / "results"), sweep.name, crash_after=crash_after)
+    per_call(executor, crashed_per_call)
     with pytest.raises(Crash):
         executor.run(batch, checkpoints=store, checkpoint_every=sweep.checkpoint_every)
     saved = checkpoint.decode(store.read_checkpoint(batch.batch_key))
-    assert saved.steps_done == 4000 and saved.run_keys == [run.run_key for run in batch.runs]
+    assert saved.steps_done == resumed_at and saved.run_keys == [run.run_key for run in batch.runs]
+    assert len(saved.segments) == crash_after and store.list_segments(batch.batch_key) == sorted(saved.segments)
 
+    per_call(executor, resumed_per_call)
     runs, metrics = executor.run(batch, attempt=2, checkpoints=store, checkpoint_every=sweep.checkpoint_every)
-    assert [row["resumed_from_step"] for row in runs] == [4000] * 4  # only 2,000 of 6,000 steps recomputed
-    assert comparable(metrics) == comparable(reference_metrics)  # every log point, bitwise
+    assert [row["resumed_from_step"] for row in runs] == [resumed_at] * 4  # only the rest recomputed
+    assert metrics.equals(reference_metrics, check_metadata=True)  # every log point, bitwise, in order
     assert [row["status"] for row in runs] == [row["status"] for row in reference_runs]
-    assert len(metrics) == 4 * 6
+    assert metrics.num_rows == 4 * 6
+    store.delete_checkpoint(batch.batch_key)  # its segments go with it
+    assert store.read_checkpoint(batch.batch_key) is None and store.list_segments(batch.batch_key) == []
+    assert not Path(store.segment_dir(batch.batch_key)).exists()
+
+
+def test_segments_hold_each_metric_row_once_and_unlisted_or_missing_ones_are_not_trusted(
+        tmp_path, executor, reference):
+    sweep, batch, _, reference_metrics = reference
+    per_call(executor, 1)
+    store = CrashingStore(str(tmp_path / "results"), sweep.name, crash_after=5, crash_on="segment")
+    with pytest.raises(Crash):  # the 5th segment (rows of step 5000) is written, its checkpoint never is
+        executor.run(batch, checkpoints=store, checkpoint_every=1000)
+    saved = checkpoint.decode(store.read_checkpoint(batch.batch_key))
+    assert saved.steps_done == 4000 and saved.segments == ["1000-1000", "2000-2000", "3000-3000", "4000-4000"]
+    assert "5000-5000" in store.list_segments(batch.batch_key)  # left by the crash, named by no checkpoint
+    segments = [store.read_segment(batch.batch_key, name) for name in saved.segments]
+    assert all(segment.num_rows == 4 for segment in segments)  # only the rows since the previous checkpoint
+    assert pa.concat_tables(segments).equals(reference_metrics.slice(0, 16))
+
+    # bytes grow linearly with the run: a checkpoint's header adds one segment name, never the rows so far
+    headers = [len(header_bytes(data)) for data in store.checkpoints]
+    assert len(headers) == 4 and headers[-1] - headers[0] <= 3 * len('"4000-4000", ') and headers[-1] < 2000
+    assert max(store.segment_bytes) < 1.2 * min(store.segment_bytes)
+
+    runs, metrics = executor.run(batch, attempt=2, checkpoints=store, checkpoint_every=0)
+    assert [row["resumed_from_step"] for row in runs] == [4000] * 4
+    assert metrics.equals(reference_metrics, check_metadata=True)
+
+    Path(store.segment_path(batch.batch_key, "2000-2000")).unlink()  # a segment it names is gone: start over
+    runs, metrics = executor.run(batch, attempt=3, checkpoints=store, checkpoint_every=0)
+    assert all(row["resumed_from_step"] is None for row in runs)
+    assert metrics.equals(reference_metrics, check_metadata=True)
+
+
+def test_a_checkpoint_of_the_old_format_is_not_resumed(tmp_path, executor, reference, monkeypatch):
+    sweep, batch, _, reference_metrics = reference
+    per_call(executor, 1)
+    store = CrashingStore(str(tmp_path / "results"), sweep.name, crash_after=1)
+    with pytest.raises(Crash):
+        executor.run(batch, checkpoints=store, checkpoint_every=2000)
+    saved = checkpoint.decode(store.read_checkpoint(batch.batch_key))
+    monkeypatch.setattr(checkpoint, "FORMAT", 1)
+    store.write_checkpoint(batch.batch_key, checkpoint.encode(saved))  # the same state, stamped format 1
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="format 1"):
+        checkpoint.decode(store.read_checkpoint(batch.batch_key))
+    runs, metrics = executor.run(batch, checkpoints=store)
+    assert all(row["resumed_from_step"] is None for row in runs)
+    assert metrics.equals(reference_metrics, check_metadata=True)
 
 
 def test_a_checkpoint_of_another_program_is_ignored(tmp_path, executor):
@@ -220,3 +308,38 @@ def test_an_actor_killed_after_a_checkpoint_is_replaced_and_the_batch_resumes(lo
     query += " ORDER BY 1, 2"
     assert duckdb.sql(query.format(results)).fetchall() == duckdb.sql(query.format(tmp_path / "reference")).fetchall()
     assert not list(checkpoints.glob("*.ckpt"))  # the finished batch's checkpoint is gone
+
+
+UORO_SPEC = """
+name = "ckpt-uoro"
+steps = 4000
+seeds = [0, 1]
+log_every = 1000
+checkpoint_every = 2000
+
+[[tasks]]
+kind = "trace_patterning"
+
+[[learners]]
+kind = "uoro"
+shape = "3"
+step_size = 1e-3
+"""
+
+
+def test_a_learner_state_holding_a_prng_key_checkpoints_and_resumes(tmp_path):
+    """UORO keeps a typed PRNG key in its state: a checkpoint stores its key data and a resume rewraps it."""
+    path = tmp_path / "uoro.toml"
+    path.write_text(textwrap.dedent(UORO_SPEC))
+    sweep = load_spec(path)
+    [batch] = plan_batches(sweep.name, sweep.runs, workers=1)
+    executor = BatchExecutor(chunk_target_steps=1000)
+    _, reference_metrics = executor.run(batch)
+    store = CrashingStore(str(tmp_path / "results"), sweep.name, crash_after=1)
+    with pytest.raises(Crash):
+        executor.run(batch, checkpoints=store, checkpoint_every=sweep.checkpoint_every)
+    saved = checkpoint.decode(store.read_checkpoint(batch.batch_key))
+    assert saved.steps_done == 2000 and any(leaf.dtype == np.uint32 for leaf in saved.leaves)
+    runs, metrics = executor.run(batch, attempt=2, checkpoints=store, checkpoint_every=sweep.checkpoint_every)
+    assert [row["resumed_from_step"] for row in runs] == [2000, 2000]
+    assert metrics.equals(reference_metrics, check_metadata=True)

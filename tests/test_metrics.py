@@ -182,3 +182,68 @@ def test_make_reducer_names_each_task_measures():
     assert names(make_reducer("trace_patterning", log_every=50_000)) == {"msre_window", "msre_interval"}
     assert names(make_reducer("noisy_patterning", window=1_000, log_every=500)) == {"msre_window", "msre_interval"}
     assert names(make_reducer("atari")) == {"msre_window", "msre_interval", "msre_episode"}
+
+
+@pytest.mark.parametrize(
+    ("build", "chunk"),
+    [
+        (lambda: windowed_msre_reducer(60, 20), 20),
+        (lambda: windowed_msre_reducer(60, 30, block_length=10), 7),
+        (lambda: windowed_msre_reducer(50, 50), 50),
+        (lambda: atari_msre_reducer(40, 20, block_length=5), 13),
+        (lambda: interval_msre_reducer(10), 10),
+    ],
+)
+def test_update_with_keep_is_bitwise_the_select_of_update_and_old_state(build, chunk):
+    """update(state, ..., keep) equals where(keep, update(state, ...), state) leaf by leaf (a guard
+    freezing diverged runs), state and reads, with NaN true returns, episode starts and runs that
+    stop being kept for good (divergence) or for single steps."""
+    reducer = build()
+    batch, num_steps = 4, 210
+    predictions, true_returns, gammas = random_data(batch, num_steps, seed=3)
+    rng = np.random.default_rng(4)
+    true_returns[rng.random(true_returns.shape) < 0.3] = np.nan
+    gammas[rng.random(gammas.shape) < 0.05] = 0.0
+    keeps = rng.random((batch, num_steps)) > 0.1
+    keeps[0] = True
+    keeps[1] = np.arange(num_steps) < 99  # run 1 diverges at step 99: frozen one step before a block completes
+
+    def make_advance(with_keep: bool):
+        def one_run(state, prediction, true_return, gamma, keep):
+            def body(carry, step_inputs):
+                p, r, g, k = step_inputs
+                step = StreamStep(jnp.zeros((1,), jnp.float32), jnp.float32(0.0), g, r)
+                if with_keep:
+                    return reducer.update(carry, p, step, keep=k), None
+                updated = reducer.update(carry, p, step)
+                return jax.tree.map(lambda new, old: jnp.where(k, new, old), updated, carry), None
+
+            return jax.lax.scan(body, state, (prediction, true_return, gamma, keep))[0]
+
+        @jax.jit
+        def advance(state, *inputs):
+            state = jax.vmap(one_run)(state, *inputs)
+            return state, jax.vmap(reducer.read)(state)
+
+        return advance
+
+    states = {}
+    reads = {True: [], False: []}
+    for with_keep in (True, False):
+        advance = make_advance(with_keep)
+        state = jax.vmap(lambda _: reducer.init())(jnp.arange(batch))
+        for start in range(0, num_steps, chunk):
+            part = slice(start, start + chunk)
+            state, metrics = advance(state, predictions[:, part], true_returns[:, part], gammas[:, part],
+                                     keeps[:, part])
+            reads[with_keep].append(jax.tree.map(np.asarray, metrics))
+        states[with_keep] = jax.tree.map(np.asarray, state)
+    assert jax.tree.structure(states[True]) == jax.tree.structure(states[False])
+    for got, want in zip(jax.tree.leaves(states[True]), jax.tree.leaves(states[False]), strict=True):
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert len(reads[True]) == len(reads[False]) > 1
+    for got, want in zip(reads[True], reads[False], strict=True):
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_array_equal(got[name].view(np.uint8), want[name].view(np.uint8), err_msg=name)
+    assert np.isfinite(reads[True][-1]["msre_interval"]).all()

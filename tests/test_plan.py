@@ -120,6 +120,20 @@ def test_auto_batch_size_gives_every_worker_work(tmp_path):
     assert len(plan_batches("s", runs, workers=1, batch_size=4)) == 2
 
 
+def test_gpu_batches_are_capped_at_an_actors_share_of_the_gpu(monkeypatch):
+    """An all-GPU cluster with K actors per GPU: automatic batches hold at most GPU_MAX_BATCH // K runs."""
+    import orchestrator.plan as plan
+
+    monkeypatch.setattr(plan, "GPU_MAX_BATCH", 8)
+    runs = [type("R", (), {"run_key": f"{i:064x}", "config": (), "learner": "ccn", "steps": 10})() for i in range(24)]
+    monkeypatch.setattr(plan, "signature", lambda run: ("one",))
+    assert [len(b.runs) for b in plan.plan_batches("s", runs, workers=2, accelerator="gpu")] == [8, 8, 8]
+    shared = plan.plan_batches("s", runs, workers=2, accelerator="gpu", max_batch=4)  # 2 actors share each GPU
+    assert [len(b.runs) for b in shared] == [4] * 6
+    assert sorted(key for b in shared for key in (r.run_key for r in b.runs)) == sorted(r.run_key for r in runs)
+    assert [len(b.runs) for b in plan.plan_batches("s", runs, workers=2, accelerator="gpu", batch_size=6)] == [6] * 4
+
+
 def test_batch_key_is_derived_from_run_keys_in_any_order():
     assert batch_key_of(["b", "a"]) == batch_key_of(["a", "b"]) != batch_key_of(["a", "c"])
 
