@@ -238,7 +238,7 @@ def stage_upload(
 
 
 # the `ccn run` options a job's driver takes from `ccn submit` (flag: --max-attempts for max_attempts)
-DRIVER_OPTIONS = ("wandb", "batch_size", "max_attempts", "max_actors", "takeover")
+DRIVER_OPTIONS = ("wandb", "batch_size", "max_attempts", "max_actors", "actors_per_gpu", "takeover")
 
 
 def build_entrypoint(spec_in_upload: str, results: str, *, stage: str = "select", **options) -> str:

@@ -1,6 +1,7 @@
 """`ccn`: the command line over orchestrator.api.
 
     ccn run SPEC [--results DIR_OR_URI] [--address ADDR] [--batch-size B] [--workers N] [--wandb MODE]
+            [--max-actors A] [--actors-per-gpu K]
     ccn status SPEC [--results DIR_OR_URI]
     ccn compare SPEC [--results DIR_OR_URI] [--criterion final_error|auc]   # the analysis selection rule
     ccn plan SPEC [--results DIR_OR_URI] [--batch-size B] [--workers N]
@@ -52,6 +53,12 @@ def _add_execution_options(parser: argparse.ArgumentParser, wandb_help: str) -> 
         metavar="A",
         help="most actors the sweep holds at once (default: on a cluster one per queued batch, which an "
         "autoscaler grows the cluster for; locally one per CPU)",
+    )
+    parser.add_argument(
+        "--actors-per-gpu",
+        type=_positive_int,
+        metavar="K",
+        help="GPU actors sharing each GPU, each with 1/K of it and 0.9/K of its memory (default: 2; docs/cluster.md)",
     )
     parser.add_argument(
         "--takeover",
@@ -367,6 +374,7 @@ def _run(arguments) -> int:
             workers=arguments.workers,
             max_attempts=arguments.max_attempts,
             max_actors=arguments.max_actors,
+            actors_per_gpu=arguments.actors_per_gpu,
             wandb=arguments.wandb,
             progress=not arguments.quiet,
             stage=arguments.stage,

@@ -39,7 +39,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
         self.started_at = time.perf_counter()
-        self.runs_done = self.learner_steps_done = self.diverged = self.failed = self.retries = 0
+        self.runs_done = self.learner_steps_done = self.diverged = self.runs_failed = self.retries = 0
         self.running = 0
         self.changed = False  # a batch finished since the last line
 
@@ -51,7 +51,8 @@ class Progress:
         return (
             f"runs {self.runs_done}/{self.total_runs}  {format_count(rate)} learner-steps/s  "
             f"ETA {eta}  elapsed {format_duration(elapsed)}  running {self.running}  "
-            f"diverged {self.diverged}  failures {self.failed}" + (f"  retries {self.retries}" if self.retries else "")
+            f"diverged {self.diverged}  failures {self.runs_failed}"
+            + (f"  retries {self.retries}" if self.retries else "")
         )
 
     def _show(self, final: bool = False) -> None:
@@ -90,7 +91,7 @@ class Progress:
 
     def failed(self, batch: Batch, error: str) -> None:
         self.running -= 1
-        self.failed += len(batch.runs)
+        self.runs_failed += len(batch.runs)
         self.total_learner_steps -= batch.learner_steps
         self.message(
             f"batch {batch.batch_key[:12]} ({batch.learner} on {batch.task}, {len(batch.runs)} runs) gave up: {error}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cluster.loopback import address_is_loopback, keep_loopback
-from orchestrator.plan import Batch
+from orchestrator.plan import GPU_MAX_BATCH, Batch
 from orchestrator.progress import Progress
 from orchestrator.results import ResultsStore
 
@@ -36,6 +37,15 @@ WAIT_SECONDS = 0.5  # how often the progress line refreshes while batches run
 MAX_FAILED_STARTS = 3  # replacement actors per wanted actor that may die in a row before the sweep stops
 MAX_PREEMPTIONS = 10  # times a batch's actor may be lost under it (free retries) before the batch is failed
 CPU_ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"  # one core per CPU actor
+# GPU actors per GPU (`ccn run --actors-per-gpu K`): 2 so that while one actor does host work
+# (compiling, writing Parquet and checkpoints, starting) the other keeps the device busy; a
+# guess until benchmarks/gpu.py measures it on an H100/H200 (docs/cluster.md)
+DEFAULT_ACTORS_PER_GPU = 2
+GPU_MEMORY_SHARED = 0.9  # of a GPU's memory, split evenly among its actors (the rest: CUDA contexts)
+# JAX's preallocated share of the GPU per process (jaxlib reads it when its GPU backend starts;
+# XLA_PYTHON_CLIENT_MEM_FRACTION is its deprecated name, and both at once is an error)
+MEM_FRACTION_ENV = "XLA_CLIENT_MEM_FRACTION"
+DEPRECATED_MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 
 class ClusterError(RuntimeError):
@@ -101,6 +111,8 @@ class BatchWorker:
         import ray
 
         self.core = None
+        if os.environ.get(MEM_FRACTION_ENV):  # a GPU actor's share: a deprecated one from the node would clash
+            os.environ.pop(DEPRECATED_MEM_FRACTION_ENV, None)
         if os.environ.get("JAX_PLATFORMS") == "cpu" and os.environ.get("CCN_PIN_CORES", "1") != "0":
             self.core = claim_core()  # a CPU actor: one core of its own, before JAX starts
         from orchestrator.execute import BatchExecutor
@@ -124,13 +136,14 @@ class BatchWorker:
         runs = self._written_runs(batch)
         if runs is not None:
             self.store.delete_checkpoint(batch.batch_key)
-            return {**self._summary(batch, runs, started), "compute_seconds": 0.0, "existing": True}
+            summary = self._summary(batch, runs, started, self._written_metrics(batch))
+            return {**summary, "compute_seconds": 0.0, "existing": True}
         runs, metrics = self.executor.tables(
             batch, attempt, checkpoints=self.store, checkpoint_every=self.checkpoint_every
         )
         self.store.write_batch(batch.learner, batch.task, batch.batch_key, runs, metrics)
         self.store.delete_checkpoint(batch.batch_key)
-        return self._summary(batch, runs, started)
+        return self._summary(batch, runs, started, metrics)
 
     def _written_runs(self, batch: Batch):
         """The batch's runs table if its runs file exists and reads back whole, else None."""
@@ -147,21 +160,50 @@ class BatchWorker:
         expected = sorted(run.run_key for run in batch.runs)
         return runs if "run_key" in runs.column_names and sorted(runs["run_key"].to_pylist()) == expected else None
 
-    def _summary(self, batch: Batch, runs, started: float) -> dict[str, Any]:
-        statuses = runs["status"].to_pylist()
-        resumed = runs["resumed_from_step"][0].as_py() if len(statuses) else None
+    def _written_metrics(self, batch: Batch):
+        """The batch's metrics table as written, or None when it cannot be read (then W&B reads it later)."""
+        import pyarrow.parquet as pq
+
+        path = self.store.batch_path("metrics", batch.learner, batch.task, batch.batch_key)
+        try:
+            return pq.read_table(path, filesystem=self.store.filesystem)
+        except Exception:  # noqa: BLE001 - only the digest is missing: the tracker reads the files itself
+            return None
+
+    def _summary(self, batch: Batch, runs, started: float, metrics=None) -> dict[str, Any]:
+        """The reply: counts for the driver and progress, and the W&B digest (tracking.batch_digest)
+        computed here from the tables just written, so the driver never reads them back."""
+        import pyarrow.compute as pc
+
+        count = runs.num_rows
+        resumed = runs["resumed_from_step"][0].as_py() if count else None
         return {
             "batch_key": batch.batch_key,
-            "runs": len(statuses),
-            "diverged": statuses.count("diverged"),
+            "runs": count,
+            "diverged": int(pc.sum(pc.equal(runs["status"], "diverged")).as_py() or 0),
             "seconds": time.perf_counter() - started,  # compute and writing
-            "compute_seconds": runs["wall_seconds"][0].as_py() if len(statuses) else 0.0,
+            "compute_seconds": runs["wall_seconds"][0].as_py() if count else 0.0,
             "host": self.executor.host,
             "node": self.executor.node,
             "pid": os.getpid(),
             "resumed_from_step": resumed,
             "existing": False,
+            "digest": _digest(runs, metrics),
         }
+
+
+def _digest(runs, metrics):
+    """tracking.batch_digest of the tables, or None (the tracker then reads the files): a digest
+    that cannot be made must never fail a batch whose results are written."""
+    from orchestrator.tracking import batch_digest
+
+    if metrics is None:
+        return None
+    try:
+        return batch_digest(runs, metrics)
+    except Exception as error:  # noqa: BLE001
+        logging.getLogger(__name__).warning("ccn: W&B digest not made (%s); the tracker reads the files", error)
+        return None
 
 
 @dataclass
@@ -263,9 +305,33 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def check_actors_per_gpu(actors_per_gpu) -> int:
+    """`actors_per_gpu` as a valid count (ValueError, one line, otherwise)."""
+    if isinstance(actors_per_gpu, bool) or not isinstance(actors_per_gpu, int) or not 1 <= actors_per_gpu <= 64:
+        raise ValueError(f"actors_per_gpu must be an integer from 1 to 64, got {actors_per_gpu!r}")
+    return actors_per_gpu
+
+
+def gpu_memory_fraction(actors_per_gpu: int) -> str:
+    """Each GPU actor's share of its GPU's memory (GPU_MEMORY_SHARED / k, rounded down to 2 decimals)."""
+    return f"{math.floor(GPU_MEMORY_SHARED / check_actors_per_gpu(actors_per_gpu) * 100) / 100:.2f}"
+
+
+def gpu_actor_options(actors_per_gpu: int) -> dict[str, Any]:
+    """The Ray options of a GPU actor when `actors_per_gpu` actors share each GPU: a fractional
+    `num_gpus` (1/k, rounded down to Ray's 1e-4 resolution so k of them fit) and JAX's memory
+    fraction in the actor's environment, set before its JAX starts (runtime_env env_vars)."""
+    share = math.floor(10_000 / check_actors_per_gpu(actors_per_gpu)) / 10_000
+    return {
+        "num_gpus": 1 if actors_per_gpu == 1 else share,
+        "runtime_env": {"env_vars": {MEM_FRACTION_ENV: gpu_memory_fraction(actors_per_gpu)}},
+    }
+
+
 @dataclass(frozen=True)
 class Workers:
-    """The actors a sweep may hold at once: `cpu` one-core actors and `gpu` one-GPU actors.
+    """The actors a sweep may hold at once: `cpu` one-core actors and `gpu` GPU actors, `per_gpu`
+    of them sharing each GPU (gpu_actor_options).
 
     cpu None: no fixed number (an elastic cluster): one CPU actor per queued batch, up to what
     the cluster can place; the actors Ray cannot place yet stay pending, which is the demand an
@@ -276,6 +342,12 @@ class Workers:
     cpu: int | None
     gpu: int = 0
     cpu_nodes: tuple[tuple[str, int], ...] = ()
+    per_gpu: int = 1
+
+    @property
+    def gpu_batch_limit(self) -> int:
+        """The most runs a GPU actor merges into one batch: GPU_MAX_BATCH split among a GPU's actors."""
+        return max(1, GPU_MAX_BATCH // self.per_gpu)
 
     @property
     def accelerator(self) -> str:
@@ -291,11 +363,13 @@ class Workers:
     def describe(self) -> str:
         """The actors, for people: '2 CPU', 'up to 8 CPU', 'one CPU per batch' (+ GPU ones)."""
         cpu = "one CPU actor per batch" if self.cpu is None else f"up to {self.cpu} CPU actors"
-        return cpu + (f" and {self.gpu} GPU actors" if self.gpu else "")
+        return cpu + (f" and {self.gpu} GPU actors ({self.per_gpu} per GPU)" if self.gpu else "")
 
 
-def cluster_workers(max_actors: int | None = None, elastic: bool = True) -> Workers:
-    """The actors the connected cluster's sweep may hold: one per GPU alive, plus CPU actors.
+def cluster_workers(
+    max_actors: int | None = None, elastic: bool = True, actors_per_gpu: int = DEFAULT_ACTORS_PER_GPU
+) -> Workers:
+    """The actors the connected cluster's sweep may hold: `actors_per_gpu` per GPU alive, plus CPU actors.
 
     elastic (a cluster the sweep attached to, which may grow): CPU actors follow the queue (one
     per batch), up to `max_actors` in all when given; the nodes alive now do not limit them.
@@ -304,8 +378,9 @@ def cluster_workers(max_actors: int | None = None, elastic: bool = True) -> Work
     """
     import ray
 
+    check_actors_per_gpu(actors_per_gpu)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    gpus = sum(int(node["Resources"].get("GPU", 0)) for node in nodes)
+    gpus = actors_per_gpu * sum(int(node["Resources"].get("GPU", 0)) for node in nodes)
     cpu_nodes = tuple(
         (node["NodeID"], int(node["Resources"].get("CPU", 0)))
         for node in nodes
@@ -314,7 +389,7 @@ def cluster_workers(max_actors: int | None = None, elastic: bool = True) -> Work
     if max_actors is not None:
         gpus = min(gpus, max_actors)
     if gpus and not cpu_nodes:
-        return Workers(cpu=0, gpu=gpus)  # all-GPU: GPU-sized batches on GPU actors
+        return Workers(cpu=0, gpu=gpus, per_gpu=actors_per_gpu)  # all-GPU: GPU-sized batches on GPU actors
     if elastic:
         cpus = None if max_actors is None else max(0, max_actors - gpus)
     else:
@@ -322,7 +397,7 @@ def cluster_workers(max_actors: int | None = None, elastic: bool = True) -> Work
         cpus = cpus if max_actors is None else max(0, min(cpus, max_actors - gpus))
     if cpus == 0 and not gpus:
         cpus = 1  # max_actors >= 1 always leaves room for one actor
-    return Workers(cpu=cpus, gpu=gpus, cpu_nodes=cpu_nodes)
+    return Workers(cpu=cpus, gpu=gpus, cpu_nodes=cpu_nodes, per_gpu=actors_per_gpu)
 
 
 def merge_for_gpu(
@@ -390,7 +465,9 @@ def run_batches(
     idle actor with nothing left to take is killed at once, and pending ones beyond the batches
     waiting are cancelled, so an autoscaler can remove idle nodes while the sweep drains. On a
     cluster with GPU and CPU-only nodes, CPU actors run the planned batches and each GPU actor
-    takes several batches of one signature at a time, merged up to GPU_MAX_BATCH runs.
+    takes several batches of one signature at a time, merged up to GPU_MAX_BATCH // per_gpu runs.
+    workers.per_gpu GPU actors share each GPU (gpu_actor_options: a fractional num_gpus and a
+    share of its memory each); they run batches of any signatures side by side.
 
     Attempts count errors of the batch's own code (RayTaskError): up to `max_attempts` tries,
     then it is recorded as failed. Preemption is not failure: a batch whose actor, node or reply
@@ -402,15 +479,14 @@ def run_batches(
     actors keep dying before they answer (MAX_FAILED_STARTS per actor in a row, nothing
     finishing in between), no more are started; the live actors drain the queue, and when none
     is left the sweep stops with `outcome.stopped` saying why (instead of starting actors forever).
-    on_batch_done(batch): called in the driver after a batch's results are written (must return
-    at once, e.g. orchestrator.tracking.Tracker.batch_done).
+    on_batch_done(batch, summary): called in the driver after a batch's results are written, with
+    the actor's reply (its `digest` is what W&B logs); must return at once, e.g.
+    orchestrator.tracking.Tracker.batch_done.
     worker_class: the actor body (default BatchWorker).
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from orchestrator.plan import GPU_MAX_BATCH
 
     if not isinstance(workers, Workers):
         workers = Workers(cpu=0, gpu=workers) if accelerator == "gpu" else Workers(cpu=workers)
@@ -420,7 +496,7 @@ def run_batches(
     remote_worker = ray.remote(worker_class or BatchWorker)
     base: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_concurrency": 1}
     cpu_options = {**base, "runtime_env": {"env_vars": {"XLA_FLAGS": CPU_ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}}}
-    gpu_options = {**base, "num_gpus": 1}
+    gpu_options = {**base, **gpu_actor_options(workers.per_gpu)}
     arguments = (results_root, sweep, compilation_cache_dir, checkpoint_every)
     cpu_slots = [node for node, cpus in workers.cpu_nodes for _ in range(cpus)]
     cpu_limit = len(batches) if workers.cpu is None else workers.cpu
@@ -471,7 +547,8 @@ def run_batches(
         if kind_of[actor] == "gpu" and workers.accelerator == "cpu":
             # leave a batch for each CPU actor the GPU-less nodes alive at the start can place now
             cpu_actors = sum(1 for kind in kind_of.values() if kind == "cpu")
-            chosen = merge_for_gpu(queue, chosen, GPU_MAX_BATCH, keep=preempted, leave=min(len(cpu_slots), cpu_actors))
+            limit = workers.gpu_batch_limit  # k actors of one GPU each merge up to GPU_MAX_BATCH // k runs
+            chosen = merge_for_gpu(queue, chosen, limit, keep=preempted, leave=min(len(cpu_slots), cpu_actors))
         return chosen
 
     def follow_demand() -> None:
@@ -593,7 +670,7 @@ def run_batches(
                 if progress:
                     progress.finished(batch, summary)
                 if on_batch_done:
-                    on_batch_done(batch)
+                    on_batch_done(batch, summary)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:

@@ -1,19 +1,36 @@
 """Weights & Biases tracking of a sweep: one W&B run per finished batch, logged from the driver.
 
     tracker = Tracker.start("offline", results_root, sweep_name)   # None when disabled
-    tracker.batch_done(batch)        # after the batch's files are written; returns at once
+    tracker.batch_done(batch, summary)   # the actor's reply (its `digest`); returns at once
     warnings = tracker.close()       # waits a bounded time for what is queued, never raises
     report = sync("sweeps/demo.toml", "results", "offline")   # `ccn wandb-sync`: what W&B missed
 
-Each batch becomes one W&B run: group = the sweep, job_type = the learner kind, config = the
-batch's static signature (learner, shape, task, steps, log_every), a `runs` table (run_key,
-seed, hyperparameters, status, final_error = msre_window at the last step) and the learning
-curves (`curves` table, plus one logged series per run: `error/<run_key[:12]>` by step).
+What a batch's W&B run holds (the same whichever path logs it):
 
-W&B never stops or slows the sweep: logging happens in one background thread that reads the
-batch's Parquet files back from the results, every error becomes a warning, and `close` waits at
-most `timeout` seconds. Offline runs land in `<root>/<sweep>/wandb/` (local results roots; else
-`./wandb-<sweep>`), ready for `wandb sync <dir>/wandb/offline-run-*`.
+- group = the sweep, job_type = the learner kind, config = the batch's static signature
+  (learner, shape, task, steps, log_every, batch size);
+- a `runs` table, one row per run: run_key, seed, hyperparameters, status, diverged_at_step,
+  final_error (the last logged value of FINAL_ERROR_METRIC, msre_window; null for a diverged run);
+- the batch's learning curve, compact: at each log point (`learner_step`), `error/min`,
+  `error/median` and `error/max` of FINAL_ERROR_METRIC over the batch's complete runs, and
+  `error/runs` (how many had a value there); the same as a `curves` table (step, min, median,
+  max, runs);
+- summary: run_count, diverged, best_final_error, median_final_error, wall_seconds.
+
+Per-run curves are not sent to W&B: at 4,096 runs x 1,000 log points a batch would be 4M points
+(W&B's charts sample a few hundred series at most). Every run's full curve is in the results'
+metrics Parquet, which the analysis reads (docs/analysis.md).
+
+Where it comes from: the actor that wrote the batch computes it from the tables it just wrote,
+in memory (`batch_digest`: columnar, pyarrow.compute and numpy) and returns it in its reply
+(`summary["digest"]`); the driver logs from that and never reads the batch's Parquet back.
+`sync` (batches W&B missed, whose replies are gone) reads the batch's Parquet and builds the
+same digest with the same function.
+
+W&B never stops or slows the sweep: logging happens in one background thread, every error
+becomes a warning, and `close` waits at most `timeout` seconds. Offline runs land in
+`<root>/<sweep>/wandb/` (local results roots; else `./wandb-<sweep>`), ready for
+`wandb sync <dir>/wandb/offline-run-*`.
 
 What was logged is recorded in the results: after W&B has taken a batch's run (`finish`), a marker
 `<root>/<sweep>/wandb/logged/<mode>/<batch_key>.json` (on the results' own filesystem, so an
@@ -111,6 +128,119 @@ def batch_config(batch) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class BatchDigest:
+    """What W&B logs of one batch, computed where the batch's tables are (module docstring).
+
+    runs: a pyarrow table, one row per run: run_key, seed, status, diverged_at_step, final_error.
+    curve: a pyarrow table, one row per log point with a value: step, min, median, max, runs
+    (FINAL_ERROR_METRIC over the batch's complete runs). Small enough for an actor's reply.
+    """
+
+    runs: Any
+    curve: Any
+    wall_seconds: float | None = None
+    metric: str = FINAL_ERROR_METRIC
+
+
+def batch_digest(runs, metrics, metric: str = FINAL_ERROR_METRIC, *, dense: bool | None = None) -> BatchDigest:
+    """A batch's `BatchDigest` from its runs and metrics tables (pyarrow), columnar: no row objects.
+
+    final_error: the run's value of `metric` at its last logged step (null for a run that is not
+    complete, or whose last value is null). The curve's statistics are exact (median: the mean
+    of the two middle values for an even count). The runs of a batch log at the same steps, so
+    the values are laid out as a [log points, runs] grid and reduced along its axes (no sort of
+    the values); a sparse layout (a grid much larger than the rows) is sorted instead. dense:
+    force one way (None: choose).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = runs["run_key"].combine_chunks() if isinstance(runs["run_key"], pa.ChunkedArray) else runs["run_key"]
+    count = len(keys)
+    complete = pc.fill_null(pc.equal(runs["status"], "complete"), False).to_numpy(zero_copy_only=False)
+    position = pc.fill_null(pc.index_in(metrics["run_key"], value_set=keys), -1).to_numpy(zero_copy_only=False)
+    steps = metrics["step"].to_numpy().astype(np.int64, copy=False)
+    values = metrics[metric].cast(pa.float64()).to_numpy(zero_copy_only=False)  # null -> NaN
+    known = position >= 0
+    position, steps, values = position[known], steps[known], values[known]
+    unique, step_index = np.unique(steps, return_inverse=True)
+    if dense is None:
+        dense = len(unique) * count <= 4 * len(steps) + (1 << 20)
+    statistics = _grid_statistics if dense else _sorted_statistics
+    final, (curve_steps, low, middle, high, counts) = statistics(count, complete, position, unique, step_index, values)
+    final[~complete] = np.nan
+    curve = pa.table(
+        {
+            "step": pa.array(curve_steps, pa.int64()),
+            "min": pa.array(low, pa.float64()),
+            "median": pa.array(middle, pa.float64()),
+            "max": pa.array(high, pa.float64()),
+            "runs": pa.array(counts, pa.int64()),
+        }
+    )
+    summary = pa.table(
+        {
+            "run_key": keys,
+            "seed": runs["seed"],
+            "status": runs["status"],
+            "diverged_at_step": runs["diverged_at_step"],
+            "final_error": pa.array(final, pa.float64(), mask=np.isnan(final)),
+        }
+    )
+    wall = runs["wall_seconds"][0].as_py() if count and "wall_seconds" in runs.column_names else None
+    return BatchDigest(summary, curve, wall, metric)
+
+
+def _grid_statistics(count, complete, position, unique, step_index, values):
+    """Final values and the curve from a [log points, runs] grid of the values (NaN: none)."""
+    import numpy as np
+
+    grid = np.full((len(unique), count), np.nan)
+    grid[step_index, position] = values
+    logged = np.zeros(grid.shape, bool)
+    logged[step_index, position] = True
+    final = np.full(count, np.nan)
+    if len(unique):
+        last = len(unique) - 1 - np.argmax(logged[::-1], axis=0)  # each run's last logged step
+        final = np.where(logged.any(axis=0), grid[last, np.arange(count)], np.nan)
+    curves = grid[:, complete]
+    counts = np.count_nonzero(~np.isnan(curves), axis=1)
+    curves, curve_steps, counts = curves[counts > 0], unique[counts > 0], counts[counts > 0]
+    if not len(counts):
+        return final, (curve_steps, np.zeros(0), np.zeros(0), np.zeros(0), counts)
+    return final, (curve_steps, np.nanmin(curves, 1), np.nanmedian(curves, 1), np.nanmax(curves, 1), counts)
+
+
+def _sorted_statistics(count, complete, position, unique, step_index, values):
+    """The same as _grid_statistics by sorting the rows (for layouts whose grid would be mostly empty)."""
+    import numpy as np
+
+    final = np.full(count, np.nan)
+    if len(position):
+        order = _sort_by(position, step_index)  # by run, then step: each run's last row ends its group
+        by_run = position[order]
+        last = order[np.append(by_run[1:] != by_run[:-1], True)]
+        final[position[last]] = values[last]
+    usable = complete[position] & ~np.isnan(values)
+    curve_steps, curve_values = step_index[usable], values[usable]
+    order = _sort_by(curve_steps, curve_values)  # by step, then value
+    curve_steps, curve_values = curve_steps[order], curve_values[order]
+    indexes, starts, counts = np.unique(curve_steps, return_index=True, return_counts=True)
+    middle = (curve_values[starts + (counts - 1) // 2] + curve_values[starts + counts // 2]) / 2
+    low, high = curve_values[starts], curve_values[starts + counts - 1]
+    return final, (unique[indexes], low, middle, high, counts)
+
+
+def _sort_by(first, then):
+    """The order that sorts by `first`, ties by `then` (np.lexsort's), as two stable numpy sorts."""
+    import numpy as np
+
+    by_then = np.argsort(then, kind="stable")
+    return by_then[np.argsort(first[by_then], kind="stable")]
+
+
 class Tracker:
     """Logs finished batches to W&B in a background thread; see the module docstring."""
 
@@ -137,9 +267,13 @@ class Tracker:
             return None
         return cls(mode, results_root, sweep)
 
-    def batch_done(self, batch) -> None:
-        """Queue a finished (written) batch for logging; returns at once."""
-        self._queue.put(batch)
+    def batch_done(self, batch, summary: dict[str, Any] | None = None) -> None:
+        """Queue a finished (written) batch for logging; returns at once.
+
+        summary: the actor's reply (schedule.BatchWorker.run_batch); its `digest` is what is
+        logged. Without one (`sync`), the batch's Parquet is read back and digested the same way.
+        """
+        self._queue.put((batch, (summary or {}).get("digest")))
 
     def close(self, timeout: float = 60.0) -> list[str]:
         """Wait at most `timeout` seconds for the queued batches; returns the warnings."""
@@ -156,12 +290,13 @@ class Tracker:
 
     def _work(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            batch, digest = item
             key = str(getattr(batch, "batch_key", "?"))
             try:
-                run_id = self._log(batch)
+                run_id = self._log(batch, digest if digest is not None else self._read(batch))
                 self.logged.append(key)
             except Exception as error:  # noqa: BLE001 - W&B must never stop the sweep
                 self._warn(f"batch {key[:12]} not logged: {type(error).__name__}: {error}")
@@ -180,22 +315,23 @@ class Tracker:
             self._store = ResultsStore(self.results_root, self.sweep)
         return self._store
 
-    def _read(self, batch):
+    def _read(self, batch) -> BatchDigest:
+        """The batch's digest from its Parquet files (the `sync` path: no actor reply to log from)."""
+        import pyarrow.parquet as pq
+
         store = self.store
         tables = {}
         for table in ("runs", "metrics"):
             path = store.batch_path(table, batch.learner, batch.task, batch.batch_key)
-            import pyarrow.parquet as pq
-
             with store.filesystem.open_input_file(path) as handle:
-                tables[table] = pq.read_table(handle).to_pylist()
-        return tables["runs"], tables["metrics"]
+                tables[table] = pq.read_table(handle)
+        return batch_digest(tables["runs"], tables["metrics"])
 
-    def _log(self, batch) -> str:
-        """Log one batch as a new W&B run; returns the run's id."""
+    def _log(self, batch, digest: BatchDigest) -> str:
+        """Log one batch's digest as a new W&B run; returns the run's id."""
+        import numpy as np
         import wandb
 
-        runs, metrics = self._read(batch)
         os.makedirs(self.dir, exist_ok=True)
         settings = wandb.Settings(
             mode=self.mode,
@@ -222,45 +358,38 @@ class Tracker:
         )
         try:
             hyper_names = sorted(dict(batch.runs[0].hyper_dict))
-            curves: dict[str, list[tuple[int, float | None]]] = {}
-            for row in sorted(metrics, key=lambda r: (r["run_key"], r["step"])):
-                curves.setdefault(row["run_key"], []).append((row["step"], row.get(FINAL_ERROR_METRIC)))
-            summary_columns = ["run_key", "seed", *hyper_names, "status", "diverged_at_step", "final_error"]
-            summary_rows = []
-            for row in runs:
-                curve = curves.get(row["run_key"], [])
-                final = curve[-1][1] if row["status"] == "complete" and curve else None
-                summary_rows.append(
-                    [
-                        row["run_key"],
-                        row["seed"],
-                        *(row.get(n) for n in hyper_names),
-                        row["status"],
-                        row["diverged_at_step"],
-                        final,
-                    ]
+            hypers = {run_.run_key: dict(run_.hyper_dict) for run_ in batch.runs}
+            columns = digest.runs.to_pydict()
+            finals = columns["final_error"]
+            summary_rows = [
+                [key, seed, *(hypers.get(key, {}).get(name) for name in hyper_names), status, diverged_at, final]
+                for key, seed, status, diverged_at, final in zip(
+                    columns["run_key"],
+                    columns["seed"],
+                    columns["status"],
+                    columns["diverged_at_step"],
+                    finals,
+                    strict=True,
                 )
+            ]
+            summary_columns = ["run_key", "seed", *hyper_names, "status", "diverged_at_step", "final_error"]
             run.log({"runs": wandb.Table(columns=summary_columns, data=summary_rows)})
-            run.log(
-                {
-                    "curves": wandb.Table(
-                        columns=["run_key", "step", FINAL_ERROR_METRIC],
-                        data=[[key, step, value] for key, curve in curves.items() for step, value in curve],
-                    )
-                }
-            )
-            steps = sorted({step for curve in curves.values() for step, _ in curve})
-            by_step = {key: dict(curve) for key, curve in curves.items()}
-            for step in steps:
-                values = {
-                    f"error/{key[:12]}": by_step[key][step] for key in by_step if by_step[key].get(step) is not None
-                }
-                run.log({"learner_step": step, **values})
-            finals = [r[-1] for r in summary_rows if r[-1] is not None]
-            run.summary["run_count"] = len(runs)
-            run.summary["diverged"] = sum(r["status"] == "diverged" for r in runs)
-            run.summary["best_final_error"] = min(finals) if finals else None
-            run.summary["wall_seconds"] = runs[0]["wall_seconds"] if runs else None
+            curve_columns = ["step", "min", "median", "max", "runs"]
+            curve = [digest.curve[name].to_pylist() for name in curve_columns]
+            points = [list(point) for point in zip(*curve, strict=True)]
+            run.log({"curves": wandb.Table(columns=curve_columns, data=points)})
+            run.define_metric("error/*", step_metric="learner_step")
+            for step, low, middle, high, count in points:
+                run.log(
+                    {"learner_step": step, "error/min": low, "error/median": middle, "error/max": high,
+                     "error/runs": count}
+                )  # fmt: skip
+            values = sorted(value for value in finals if value is not None)
+            run.summary["run_count"] = len(summary_rows)
+            run.summary["diverged"] = sum(status == "diverged" for status in columns["status"])
+            run.summary["best_final_error"] = values[0] if values else None
+            run.summary["median_final_error"] = float(np.median(values)) if values else None
+            run.summary["wall_seconds"] = digest.wall_seconds
         finally:
             run.finish()
         return run.id
@@ -268,7 +397,7 @@ class Tracker:
 
 @dataclass(frozen=True)
 class FinishedBatch:
-    """A batch whose files are in the results, rebuilt from them and the spec (what `_log` reads)."""
+    """A batch whose files are in the results, rebuilt from them and the spec (what `_read` reads)."""
 
     sweep: str
     batch_key: str

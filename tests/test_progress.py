@@ -30,3 +30,18 @@ def test_a_finished_batch_is_reported_after_its_actor_got_the_next_one(tmp_path)
     progress.finished(batches[1], {"runs": 1, "diverged": 0})
     progress.close()
     assert "runs 2/3" in stream.getvalue().splitlines()[-1]
+
+
+def test_batches_that_give_up_are_counted_and_the_display_goes_on():
+    """Progress.failed is a method (a counter of the same name once shadowed it: the driver crashed at
+    the first batch that gave up)."""
+    from types import SimpleNamespace
+
+    stream = io.StringIO()
+    display = Progress(total_runs=6, total_learner_steps=600, stream=stream)
+    batch = SimpleNamespace(runs=(1, 2, 3), learner="uoro", task="t", batch_key="ab" * 32, learner_steps=300)
+    for _ in range(2):
+        display.started(batch)
+        display.failed(batch, "TypeError: boom")
+    assert display.runs_failed == 6 and display.total_learner_steps == 0
+    assert "gave up: TypeError: boom" in stream.getvalue() and "failures 6" in display.line()

@@ -31,15 +31,32 @@ step_size = [0.01, 0.003]
 """
 
 
-def read_offline_run(run_dir: Path):
-    """The run record, config and final summary of an offline run's .wandb file (a LevelDB-style log)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def read_offline_run(run_dir: Path, history: list | None = None):
+    """The run record, config and final summary of an offline run's .wandb file (a LevelDB-style log);
+    the logged rows (history) are appended to `history` when given. W&B's service may still be
+    writing the file when `finish` returns: it is read again until it holds the exit record."""
+    import time
 
     (path,) = run_dir.glob("*.wandb")
-    data = path.read_bytes()
+    deadline = time.monotonic() + 20
+    while True:
+        rows: list[dict] = []
+        run, config, summary, finished = parse_offline_run(path.read_bytes(), rows)
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert run is not None and finished
+    if history is not None:
+        history.extend(rows)
+    return run, config, summary
+
+
+def parse_offline_run(data: bytes, history: list):
+    from wandb.proto import wandb_internal_pb2 as pb
+
     assert data[:4] == b":W&B"
     position, block, pending = 7, 32768, b""
-    run, config, summary = None, {}, {}
+    run, config, summary, finished = None, {}, {}, False
     while position + 7 <= len(data):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
@@ -55,12 +72,16 @@ def read_offline_run(run_dir: Path):
         if record.HasField("run"):
             run = record.run
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif record.HasField("history"):
+            row = {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.append({key: value for key, value in row.items() if not key.startswith("_")})  # no timestamps
         elif record.HasField("summary"):
             for item in record.summary.update:
                 key = item.key or ".".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
-    assert run is not None
-    return run, config, summary
+        elif record.HasField("exit"):
+            finished = True
+    return run, config, summary, finished
 
 
 def files_under(*roots: Path):
@@ -89,7 +110,15 @@ def test_default_mode_is_opt_in_and_the_same_for_the_api_and_the_cli(monkeypatch
     assert cli.build_parser().parse_args(["run", "x.toml"]).wandb is None
 
 
-def test_offline_sweep_writes_one_run_per_batch_and_never_the_key(tmp_path, monkeypatch, capsys):
+def table_of(run_dir: Path, name: str) -> dict:
+    (path,) = (run_dir / "files" / "media" / "table").glob(f"{name}_*.table.json")
+    return json.loads(path.read_text())
+
+
+def test_offline_sweep_logs_from_the_actors_reply_and_never_the_key(tmp_path, monkeypatch, capsys):
+    """One W&B run per batch, logged from the actor's reply: the batch's Parquet files are moved
+    away before the tracker's thread gets the batch, and it still logs everything. `ccn wandb-sync`
+    (which reads the Parquet) logs the same content. The API key is never written."""
     work = tmp_path / "work"
     home = tmp_path / "home"
     work.mkdir()
@@ -102,40 +131,118 @@ def test_offline_sweep_writes_one_run_per_batch_and_never_the_key(tmp_path, monk
     spec = work / "sweep.toml"
     spec.write_text(textwrap.dedent(SPEC))
     results = work / "results"
+    aside = tmp_path / "aside"
+    moved: list[tuple[Path, Path]] = []
+    batch_done = tracking.Tracker.batch_done
 
+    def files_moved_first(self, batch, summary=None):  # in the driver, before the tracker's thread runs
+        for table in ("runs", "metrics"):
+            path = Path(self.store.batch_path(table, batch.learner, batch.task, batch.batch_key))
+            target = aside / table / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            moved.append((target, path))
+        batch_done(self, batch, summary)
+
+    monkeypatch.setattr(tracking.Tracker, "batch_done", files_moved_first)
     code = cli.main(["run", str(spec), "--results", str(results), "--workers", "1", "--wandb", "offline"])
     output = capsys.readouterr()
     assert code == 0, output.err
+    assert len(moved) == 2 and "not logged" not in output.err
+    monkeypatch.setattr(tracking.Tracker, "batch_done", batch_done)
+    for target, path in moved:
+        target.rename(path)
 
     wandb_root = results / "wandb-test" / "wandb"
     run_dirs = sorted((wandb_root / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # 2 runs in one batch of 2: one W&B run
     run_dir = run_dirs[0]
     assert list(run_dir.glob("*.wandb")), "no offline run file to sync"
-    run, config, summary = read_offline_run(run_dir)
+    history: list[dict] = []
+    run, config, summary = read_offline_run(run_dir, history)
     assert run.run_group == "wandb-test" and run.job_type == "ccn"
     assert config["sweep"] == "wandb-test" and config["task_kind"] == "trace_patterning"
     assert config["learner.total_columns"] == 4 and config["steps"] == 2000
     assert summary["run_count"] == 2 and summary["diverged"] == 0
-    assert 0 < summary["best_final_error"] < 1
-    assert sum(key.startswith("error/") for key in summary) == 2  # one learning curve per run
-    table_files = list((run_dir / "files" / "media" / "table").glob("runs_*.table.json"))
-    assert table_files
-    table = json.loads(table_files[0].read_text())
+    assert 0 < summary["best_final_error"] <= summary["median_final_error"] < 1
+    assert not any(key.startswith("error/") and key[6:] not in ("min", "median", "max", "runs") for key in summary)
+    curve = [row for row in history if "error/median" in row]  # the batch's curve: one row per log point
+    assert [row["learner_step"] for row in curve] == [1000, 2000]
+    assert all(row["error/min"] <= row["error/median"] <= row["error/max"] and row["error/runs"] == 2 for row in curve)
+    table = table_of(run_dir, "runs")
     assert "run_key" in table["columns"] and "final_error" in table["columns"] and "step_size" in table["columns"]
     assert len(table["data"]) == 2 and all(row[-1] is not None for row in table["data"])
-    assert list((run_dir / "files" / "media" / "table").glob("curves_*.table.json"))
+    finals = sorted(row[-1] for row in table["data"])
+    assert curve[-1]["error/min"] == finals[0] and curve[-1]["error/max"] == finals[1]  # the last point: final errors
+    assert table_of(run_dir, "curves")["columns"] == ["step", "min", "median", "max", "runs"]
 
     # the driver recorded the batch as logged: a sync afterwards logs nothing again
-    assert len(list((wandb_root / "logged" / "offline").glob("*.json"))) == 1
+    marker = list((wandb_root / "logged" / "offline").glob("*.json"))
+    assert len(marker) == 1
     assert cli.main(["wandb-sync", str(spec), "--results", str(results), "--wandb", "offline"]) == 0
     assert "0 batches logged now, 1 were already logged" in capsys.readouterr().out
     assert len(list((wandb_root / "wandb").glob("offline-run-*"))) == 1
+
+    # logged again from the Parquet files (`sync`, marker deleted): the same content
+    marker[0].unlink()
+    assert cli.main(["wandb-sync", str(spec), "--results", str(results), "--wandb", "offline"]) == 0
+    assert "1 batches logged now" in capsys.readouterr().out
+    [again] = set((wandb_root / "wandb").glob("offline-run-*")) - {run_dir}
+    synced: list[dict] = []
+    _, _, synced_summary = read_offline_run(again, synced)
+    assert table_of(again, "runs")["data"] == table["data"]
+    assert table_of(again, "curves")["data"] == table_of(run_dir, "curves")["data"]
+    assert [row for row in synced if "error/median" in row] == curve
+    for name in ("run_count", "diverged", "best_final_error", "median_final_error", "wall_seconds"):
+        assert synced_summary[name] == summary[name]
 
     key = FAKE_KEY.encode()
     leaked = [path for path in files_under(work, home, tmp_path) if key in path.read_bytes()]
     assert not leaked, f"the API key was written to {leaked}"
     assert FAKE_KEY not in output.out + output.err
+
+
+def test_batch_digest_is_the_row_by_row_reading(tmp_path):
+    """tracking.batch_digest (columnar) against a plain reading of the same rows: rows out of order,
+    a diverged run, a null value, an even and an odd number of runs at a log point; both of its
+    ways (a [log points, runs] grid, and sorting) give the same."""
+    import math
+    import statistics
+
+    import pyarrow as pa
+
+    runs = pa.table({
+        "run_key": ["a", "b", "c", "d"], "seed": [0, 1, 2, 3],
+        "status": ["complete", "diverged", "complete", "complete"],
+        "diverged_at_step": [None, 150, None, None], "wall_seconds": [2.5] * 4,
+    })  # fmt: skip
+    rows = [  # (run, step, value)
+        ("c", 200, 0.30), ("a", 100, 0.9), ("b", 100, 5.0), ("d", 200, 0.10), ("a", 200, 0.20), ("c", 100, 0.7),
+        ("d", 100, None), ("b", 200, float("nan")), ("c", 300, 0.25), ("a", 300, 0.15), ("d", 300, 0.05),
+    ]  # fmt: skip
+    metrics = pa.table({
+        "run_key": [r[0] for r in rows], "step": pa.array([r[1] for r in rows], pa.int64()),
+        tracking.FINAL_ERROR_METRIC: pa.array([r[2] for r in rows], pa.float64()),
+    })  # fmt: skip
+    digest = tracking.batch_digest(runs, metrics)
+    for layout in (True, False):  # the grid and the sorted computation agree
+        other = tracking.batch_digest(runs, metrics, dense=layout)
+        assert other.runs.equals(digest.runs) and other.curve.equals(digest.curve), layout
+
+    status = dict(zip(runs["run_key"].to_pylist(), runs["status"].to_pylist(), strict=True))
+    last = {key: max((r for r in rows if r[0] == key), key=lambda r: r[1])[2] for key in status}
+    expected = [last[key] if status[key] == "complete" else None for key in status]
+    assert digest.runs["final_error"].to_pylist() == expected == [0.15, None, 0.25, 0.05]
+    assert digest.runs["run_key"].to_pylist() == ["a", "b", "c", "d"] and digest.wall_seconds == 2.5
+    assert digest.runs["diverged_at_step"].to_pylist() == [None, 150, None, None]
+    curve = []
+    for step in sorted({r[1] for r in rows}):
+        values = [r[2] for r in rows if r[1] == step and status[r[0]] == "complete" and r[2] is not None]
+        values = [v for v in values if not math.isnan(v)]
+        curve.append({"step": step, "min": min(values), "median": statistics.median(values), "max": max(values),
+                      "runs": len(values)})  # fmt: skip
+    assert digest.curve.to_pylist() == curve
+    assert curve[0]["runs"] == 2 and curve[0]["median"] == 0.8  # d's null and diverged b left out
 
 
 @pytest.mark.parametrize("mode", ["offline"])
@@ -159,11 +266,11 @@ def test_a_hanging_wandb_never_holds_the_sweep(tmp_path, monkeypatch):
     import types
 
     release = threading.Event()
-    monkeypatch.setattr(tracking.Tracker, "_log", lambda self, batch: release.wait(30))
+    monkeypatch.setattr(tracking.Tracker, "_log", lambda self, batch, digest: release.wait(30))
     tracker = tracking.Tracker("offline", str(tmp_path), "slow")
     started = time.perf_counter()
     for _ in range(3):
-        tracker.batch_done(types.SimpleNamespace(batch_key="f" * 64))  # returns at once though logging hangs
+        tracker.batch_done(types.SimpleNamespace(batch_key="f" * 64), {"digest": "?"})  # returns at once
     assert time.perf_counter() - started < 0.5
     with pytest.warns(RuntimeWarning, match="did not finish"):
         tracker.close(timeout=1.0)
