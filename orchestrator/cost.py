@@ -25,8 +25,9 @@ from typing import Any
 from orchestrator.runs import Run
 
 # Learner-steps per second of one actor on one CPU core, float32, compilation excluded: the
-# "2 processes" rows of the learner table in docs/benchmarks.md (`benchmarks/learners.py`,
-# 2026-11-28, batch 64, each process pinned to one core as the actors are), per core.
+# "2 processes" rows of the learner tables in docs/benchmarks.md (`benchmarks/learners.py`,
+# 2026-11-28 and, for the section 9 learners, 2026-11-30; batch 64, each process pinned to one
+# core as the actors are), per core.
 # Keys: shape_key(...). Update both together.
 BENCHMARK_RATES: dict[tuple, float] = {
     ("ccn", 20, 4, 12): 607_783 / 2,
@@ -34,6 +35,11 @@ BENCHMARK_RATES: dict[tuple, float] = {
     ("tbptt", 10, 5, 12): 316_692 / 2,
     ("tbptt", 3, 10, 12): 368_082 / 2,
     ("ccn", 50, 50, 100): 31_362 / 2,
+    # the section 9 learners (2026-11-30, a quiet machine; the tanh RTU, 443,716, shares the RTU's key)
+    ("rtu", "27", None, 12): 430_914 / 2,
+    ("lru", "27", None, 12): 396_616 / 2,
+    ("snap1", "8", None, 12): 642_941 / 2,
+    ("uoro", "9", None, 12): 479_821 / 2,
 }
 BENCHMARKS_SOURCE = (
     "docs/benchmarks.md learner throughput (float32, an idle core, compilation excluded: a lower bound; "
