@@ -11,7 +11,7 @@ levels = reference_levels(results)         # task -> TaskLevels: the error of pr
 
 from analysis.references import TaskLevels, reference_levels
 from analysis.report import Report, write_report
-from analysis.results import EVALUATION_SUFFIX, NoRunsError, Results, list_sweeps, load, spec_run_keys
+from analysis.results import EVALUATION_SUFFIX, NoRunsError, Results, list_sweeps, load, spec_labels, spec_run_keys
 from analysis.stats import Interval, curve_interval, difference_interval, mean_interval
 from analysis.tables import comparison, curves, format_table, frontier, select, sensitivity, settings
 from analysis.verdict import verdict
@@ -36,6 +36,7 @@ __all__ = [
     "select",
     "sensitivity",
     "settings",
+    "spec_labels",
     "spec_run_keys",
     "verdict",
     "write_report",

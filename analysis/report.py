@@ -34,6 +34,8 @@ def _markdown_table(table: list[dict], levels: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(tables._cells(row, decimals, levels.get(row["task"]))) + " |" for row in table]
     lines += [""] + _reference_notes(sorted({row["task"] for row in table}), levels, decimals)
+    if any(tables.blown_up(row.get("values") or {}, levels.get(row["task"])) for row in table):
+        lines += ["", tables.BLOWN_UP_NOTE[0].upper() + tables.BLOWN_UP_NOTE[1:] + "."]
     return "\n".join(lines)
 
 

@@ -102,6 +102,30 @@ def spec_run_keys(spec) -> dict[str, frozenset[str]]:
     return {"selection": frozenset(run.run_key for run in sweep.runs), "evaluation": frozenset(evaluation)}
 
 
+def spec_labels(spec) -> dict[str, str]:
+    """run_key -> the learner's name in the spec (`name`, else its kind), for every run key the spec can
+    have in the results (both stages). A name is a label, not part of a run's identity: renaming a learner
+    block (or splitting one block into named ones) relabels finished runs without rerunning them."""
+    from orchestrator.spec import load_spec
+
+    sweep = load_spec(spec) if isinstance(spec, str | os.PathLike) else spec
+    labels = {run.run_key: run.learner_name for run in sweep.runs}
+    for run in sweep.runs:
+        for seed in sweep.evaluation_seed_list:
+            labels.setdefault(dataclasses.replace(run, seed=seed).run_key, run.learner_name)
+    return labels
+
+
+def _relabel(table: pa.Table | None, labels: dict[str, str] | None) -> pa.Table | None:
+    """`table` with its learner_name column taken from `labels` (run_key -> name) where it has the key."""
+    if table is None or not labels or "learner_name" not in table.column_names:
+        return table
+    names = [labels.get(key, name) for key, name in zip(table["run_key"].to_pylist(),
+                                                        table["learner_name"].to_pylist(), strict=True)]
+    index = table.column_names.index("learner_name")
+    return table.set_column(index, table.schema.field(index), pa.array(names, table.schema.field(index).type))
+
+
 def _only(table: pa.Table | None, keys: frozenset[str] | None) -> tuple[pa.Table | None, int]:
     """The rows of `table` whose run_key is in `keys` (all when keys is None), and how many were left out."""
     if table is None or keys is None:
@@ -162,12 +186,13 @@ def load(root: str, sweep: str | None = None, *, spec=None, run_keys=None) -> Re
     sweep: None picks the spec's sweep, or else the only sweep under root (an error lists them when
     there are several). spec (a path or an orchestrator Sweep) or run_keys (an iterable): read
     exactly those runs, leaving out rows of other runs in the same folders (e.g. left from an
-    earlier edit of the spec with other `steps`); their count is `excluded_runs`.
+    earlier edit of the spec with other `steps`); their count is `excluded_runs`. With a spec, the
+    learners' names are the spec's (spec_labels), whatever names the runs were written with.
     Raises NoRunsError (a ValueError) when there are no runs to read.
     """
     root = str(root)
     allowed: dict[str, frozenset[str] | None] = dict.fromkeys(STAGES)
-    spec_name = None
+    spec_name, labels = None, None
     if spec is not None and run_keys is not None:
         raise ValueError("give load() a spec or run_keys, not both")
     if spec is not None:
@@ -177,7 +202,7 @@ def load(root: str, sweep: str | None = None, *, spec=None, run_keys=None) -> Re
         if sweep is not None and sweep != spec.name:
             raise ValueError(f"{spec.path}: the spec's sweep is {spec.name!r}, not {sweep!r} (--sweep)")
         sweep, spec_name = spec.name, str(spec.path or spec.name)
-        allowed = spec_run_keys(spec)
+        allowed, labels = spec_run_keys(spec), spec_labels(spec)
     elif run_keys is not None:
         allowed = dict.fromkeys(STAGES, frozenset(run_keys))
         spec_name = f"{len(allowed['selection'])} given run keys"
@@ -199,6 +224,7 @@ def load(root: str, sweep: str | None = None, *, spec=None, run_keys=None) -> Re
     excluded = 0
     for stage, folder in zip(STAGES, (sweep, sweep + EVALUATION_SUFFIX), strict=True):
         runs_table, left_out = _only(_read_table(fs, f"{base}/{folder}/runs", "runs"), allowed[stage])
+        runs_table = _relabel(runs_table, labels)  # the spec's names win over the ones the runs were written with
         metrics_table, _ = _only(_read_table(fs, f"{base}/{folder}/metrics", "metrics"), allowed[stage])
         excluded += left_out
         failures += [

@@ -33,6 +33,7 @@ from orchestrator.schema import LEARNER_COLUMNS
 CRITERIA = ("final_error", "auc")
 LEARNER = LEARNER_COLUMNS  # task, learner, learner_name, shape, steps, log_every
 COMPUTE_TOLERANCE = 0.15  # learners whose per-step compute is within 15% of a group's cheapest share it
+BLOWN_UP_FACTOR = 10.0  # a finite final error above 10x the task's predict-0 level: the run blew up
 
 
 def _rows(relation) -> list[dict]:
@@ -353,6 +354,31 @@ def _level_values(task_levels) -> list[float]:
     return [v for v in (task_levels.predict_zero, task_levels.predict_mean) if v is not None]
 
 
+def blown_up(values: dict, task_levels) -> list:
+    """The seeds (of `values`: seed -> final error) whose error is finite but above BLOWN_UP_FACTOR x the
+    task's predict-0 level: runs that left the task's scale without a NaN, so `status` says complete.
+    Their errors stay in the intervals (they are what the learner did); tables and the verdict count
+    them. [] without reference levels."""
+    if task_levels is None or not task_levels.known or task_levels.predict_zero is None:
+        return []
+    limit = BLOWN_UP_FACTOR * task_levels.predict_zero
+    return sorted(seed for seed, value in values.items() if np.isfinite(value) and value > limit)
+
+
+BLOWN_UP_NOTE = (
+    f"blew up: a run whose final error is finite but above {BLOWN_UP_FACTOR:g}x the task's predict-0 level "
+    "(its error is in the interval)"
+)
+
+
+def _seeds_cell(row: dict, task_levels) -> str:
+    """'10', '9 (+1 diverged)', '10 (2 blew up)': the seeds with a final error, and what went wrong."""
+    notes = [f"+{row['diverged']} diverged"] if row.get("diverged") else []
+    wild = blown_up(row.get("values") or {}, task_levels)
+    notes += [f"{len(wild)} blew up"] if wild else []
+    return str(row["error"].n) + (f" ({', '.join(notes)})" if notes else "")
+
+
 def versus_mean_level(error: Interval, task_levels) -> str:
     """Where an error stands against the task's predict-mean level: 'below (0.42x)' when its whole 95%
     interval is below, 'not below (1.01x)' when its mean is not, 'unclear (0.97x)' when the interval
@@ -385,7 +411,8 @@ def format_table(table: list[dict], levels: dict | None = None) -> str:
         for task in sorted({row["task"] for row in table})
         if levels and task in levels
     ]
-    return "\n".join([*lines, "", *references, DESCRIPTION + "."])
+    wild = any(blown_up(row.get("values") or {}, (levels or {}).get(row["task"])) for row in table)
+    return "\n".join([*lines, "", *references, DESCRIPTION + "." + (f" {BLOWN_UP_NOTE}." if wild else "")])
 
 
 def _cells(row: dict, decimals: int | None = None, task_levels=None) -> list[str]:
@@ -405,7 +432,7 @@ def _cells(row: dict, decimals: int | None = None, task_levels=None) -> list[str
         f"{row['paper_ops_per_step']:,}" if row.get("paper_ops_per_step") is not None else "-",
         row.get("setting") or row["config"] or "no eligible setting",
         stage,
-        str(row["error"].n) + (f" (+{row['diverged']} diverged)" if row.get("diverged") else ""),
+        _seeds_cell(row, task_levels),
         row["error"].format(decimals=decimals),
         versus_mean_level(row["error"], task_levels),
         "best"

@@ -2,15 +2,16 @@
 
 Per task: the learner with the lowest error at equal compute per step (each compute group of the
 table with two or more learners), by how much it beats the next best with the paired interval
-of the difference; the lowest error at equal total compute; and the learners that did not get
-below the predict-the-mean-return level (analysis.references).
+of the difference; the lowest error at equal total compute; the learners that did not get
+below the predict-the-mean-return level (analysis.references); and those with seeds that blew up
+(analysis.tables.blown_up).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.tables import versus_mean_level
+from analysis.tables import BLOWN_UP_FACTOR, blown_up, versus_mean_level
 
 
 def _name(row: dict) -> str:
@@ -97,6 +98,15 @@ def task_verdict(task: str, table: list[dict], levels, decimals: int) -> list[st
     if unclear:
         lines.append(f"  below the predict-mean level ({level}) on average, but its interval reaches it: "
                      f"{', '.join(unclear)}.")
+    wild = {_name(r): blown_up(r.get("values") or {}, levels) for r in scored}
+    if any(wild.values()):
+        lines.append(
+            f"  blew up (a finite final error above {BLOWN_UP_FACTOR:g}x predict 0, "
+            f"{number(BLOWN_UP_FACTOR * levels.predict_zero)}) on some seeds: "
+            + "; ".join(f"{name} ({len(seeds)} of {len(next(r for r in scored if _name(r) == name)['values'])})"
+                        for name, seeds in wild.items() if seeds)
+            + "."
+        )
     return lines
 
 

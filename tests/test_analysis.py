@@ -28,11 +28,13 @@ BEST = {"columnar": 0.01, "tbptt": 0.001, "ccn": 0.01}
 
 
 def write_sweep(
-    root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise=0.01, rng_seed=0, task="t", task_params=None
+    root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise=0.01, rng_seed=0, task="t", task_params=None,
+    blow_up=(),
 ) -> None:
     """Synthetic results in the documented layout: one runs and one metrics file per learner.
 
     diverge: (label, step_size, seed) triples whose run diverges at step 500.
+    blow_up: (label, step_size, seed) triples whose final error is 1,000x the learner's (finite, complete).
     """
     rng = np.random.default_rng(rng_seed)
     for label, (kind, shape, flops, paper_ops, errors) in learners.items():
@@ -52,6 +54,7 @@ def write_sweep(
                     }
                 )  # fmt: skip
                 end = final + noise * rng.standard_normal()
+                end *= 1000 if (label, step_size, seed) in blow_up else 1
                 for step in range(LOG_EVERY, STEPS + 1, LOG_EVERY):
                     if diverged and step >= 500:
                         break
@@ -247,6 +250,28 @@ def test_a_table_uses_one_number_format_and_shows_the_reference_levels(tmp_path)
     standing = {line.split()[2]: line for line in text.splitlines()[2:5]}
     assert "not below" not in standing["ccn"] and "below (0.27x)" in standing["ccn"]  # 0.005 / 0.0188
     assert "below (0.99x)" in standing["columnar"]  # zero-width interval, just below the level
+
+
+def test_seeds_that_blew_up_without_a_nan_are_counted_in_the_table_and_the_verdict(tmp_path):
+    """A finite final error above 10x predict-0 is status `complete`, but the table and verdict say it blew up."""
+    one = {"ccn": ("ccn", "20:4:100", 5000, 400, {0.01: 0.1}), "tbptt": ("tbptt", "2:4", 5000, 400, {0.01: 0.2})}
+    write_sweep(tmp_path, "b", range(3), learners=one, noise=0.0, blow_up={("tbptt", 0.01, 1)})
+    results = load(str(tmp_path), "b")
+    table = comparison(results)
+    levels = {"t": TaskLevels("t", 0.5, 0.3, source="a test")}  # 10 x 0.5 = 5 < 200 (the blown-up seed)
+    text = format_table(table, levels)
+    by_name = {line.split()[2]: line for line in text.splitlines()[2:4]}
+    assert "3 (1 blew up)" in by_name["tbptt"] and "blew up" not in by_name["ccn"], text
+    assert "blew up: a run whose final error is finite but above 10x the task's predict-0 level" in text
+    assert {row["learner_name"]: row["error"].n for row in table} == {"ccn": 3, "tbptt": 3}  # still in the interval
+    report = write_report(str(tmp_path), tmp_path / "out", "b", levels=levels)
+    wild = r"blew up \(a finite final error above 10x predict 0, 5\.0*\) on some seeds: tbptt 2:4 \(1 of 3\)\."
+    assert re.search(wild, report.verdict), report.verdict
+    assert "| 3 (1 blew up) |" in report.path.read_text()
+    # without reference levels nothing can be called blown up
+    assert "blew up" not in format_table(table, {"t": TaskLevels("t", None, None, problem="no stream")})
+    calm = {"t": TaskLevels("t", 50.0, 40.0, source="a test")}  # 200 < 10 x 50: within the task's scale
+    assert "blew up" not in format_table(table, calm)
 
 
 def test_the_verdict_names_the_best_at_equal_compute_by_how_much_and_who_did_not_learn(tmp_path):

@@ -168,3 +168,37 @@ def test_one_reader_reads_old_schema_files_with_the_current_schema(tmp_path):
     results = analysis.load(str(tmp_path / "results"), "edit")
     assert {"node", "resumed_from_step"} <= set(results.runs().columns)
     assert results.sql("SELECT count(node), count(*) FROM runs").fetchall() == [(second.num_rows, 4)]
+
+
+def test_names_come_from_the_spec_so_splitting_a_learner_block_needs_no_rerun(tmp_path):
+    """Runs written under one unnamed block (`columnar`, two step sizes) are read as two learners once the spec splits
+    the block into two named ones: names are labels, not identity, so the run keys are the same."""
+    one = tmp_path / "edit.toml"
+    one.write_text(SPEC.format(steps=1000))
+    root = str(tmp_path / "results")
+    write_results(tmp_path / "results", load_spec(one))
+    split = tmp_path / "split" / "edit.toml"
+    split.parent.mkdir()
+    block = SPEC.format(steps=1000).split("[[learners]]")[0]
+    split.write_text(
+        block
+        + '[[learners]]\nkind = "ccn"\nname = "ccn-fast"\nshape = "3:3:inf"\nstep_size = 0.1\n'
+        + '[[learners]]\nkind = "ccn"\nname = "ccn-slow"\nshape = "3:3:inf"\nstep_size = 0.01\n'
+    )
+    assert {r.run_key for r in load_spec(split).runs} == {r.run_key for r in load_spec(one).runs}
+    written = analysis.load(root, "edit")
+    assert {w["learner_name"] for w in analysis.select(written)} == {"columnar"}  # as the runs were written
+    relabelled = analysis.load(root, spec=split)
+    winners = {w["learner_name"]: w for w in analysis.select(relabelled)}
+    assert set(winners) == {"ccn-fast", "ccn-slow"} and relabelled.excluded_runs == 0
+    assert "step_size=0.1," in winners["ccn-fast"]["config"] and "step_size=0.01," in winners["ccn-slow"]["config"]
+    # the evaluation stage then runs both learners' winners, under the spec's names
+    evaluation = api.evaluation_sweep(split, root)
+    assert sorted((r.learner_name, r.hyper_dict["step_size"], r.seed) for r in evaluation.runs) == [
+        ("ccn-fast", 0.1, 2), ("ccn-fast", 0.1, 3), ("ccn-slow", 0.01, 2), ("ccn-slow", 0.01, 3)
+    ]
+    write_results(tmp_path / "results", evaluation)
+    table = analysis.comparison(analysis.load(root, spec=split))
+    assert {(row["learner_name"], row["stage"], row["error"].n) for row in table} == {
+        ("ccn-fast", "evaluation", 2), ("ccn-slow", "evaluation", 2)
+    }
