@@ -70,6 +70,20 @@ def td_update(params: Any, rms_state, traces: Any, delta, step_sizes: Any):
     return params, rms_state
 
 
+def td_learn(params: Any, rms_state, traces: Any, cumulant, gamma, prediction, previous_prediction, step_sizes):
+    """Steps 4-5 of a learner's step: delta from the two predictions, then `td_update`.
+
+    `step_sizes`: a pytree matching `params` (as in td_update), or one scalar step size for every
+    parameter, cast like the cumulant to the prediction's dtype. Returns (params, rms_state).
+    """
+    dtype = prediction.dtype
+    delta = td_error(jnp.asarray(cumulant, dtype), gamma, prediction, previous_prediction)
+    if jax.tree.structure(step_sizes) != jax.tree.structure(params):
+        alpha = jnp.asarray(step_sizes, dtype)
+        step_sizes = jax.tree.map(lambda _: alpha, params)
+    return td_update(params, rms_state, traces, delta, step_sizes)
+
+
 def uniform(key: jax.Array, shape, low, high, dtype) -> jax.Array:
     """U(low, high) initialisation."""
     return jax.random.uniform(key, shape, dtype=dtype, minval=low, maxval=high)

@@ -40,21 +40,26 @@ from learners import common, registry
 from learners.compute import Cost
 from learners.rtu import (
     HYPER_CHECKS,
+    Hyper,
+    UnitsConfig,
     activation,
     add_to_first,
-    build_config,
-    check_common_fields,
     head_scale,
     init_eigenvalues,
+    initial_readout,
     input_weight_gradient,
     pair_gradient,
+    readout,
+    recurrent_cost,
     rotate,
     rotation,
+    step_scalars,
+    step_sizes,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(UnitsConfig):
     """Static shape of an online LRU learner (hashable: it selects the compiled program).
 
     activation "linear" feeds (Re h, Im h) to the head; "relu" / "tanh" pass them through that
@@ -63,40 +68,7 @@ class Config:
     sqrt(1 - |lambda|^2) and B at N(0, 1 / (2 d)) per real and imaginary part, as theirs.
     """
 
-    n_inputs: int
-    units: int
-    activation: str = "linear"
-    r_min: float = 0.0
-    r_max: float = 1.0
-    max_phase: float = 6.28
-    dtype: str = "float32"
-
-    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("units",)
-
-    def __post_init__(self):
-        check_common_fields("lru", self)
-
-    @classmethod
-    def from_shape(cls, shape: str, n_inputs: int, **static) -> Config:
-        """Parse the shape "n" (number of complex units), e.g. "32"; static settings as keywords."""
-        return build_config(cls, "LRU", shape, n_inputs, static)
-
-    @property
-    def shape(self) -> str:
-        return str(self.units)
-
-
-class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap).
-
-    step_size: alpha of the recurrent parameters (the head uses alpha / 2n); lam: TD(lambda) trace
-    decay; normalization_rate: EMA decay of the input and head normalisers; std_cap: floor on their variance.
-    """
-
-    step_size: float = 1e-3
-    lam: float = 0.99
-    normalization_rate: float = 0.99999
-    std_cap: float = 0.01
+    KIND: ClassVar[str] = "lru"
 
 
 # --------------------------------------------------------------------------- the learner protocol (learners.registry)
@@ -160,12 +132,7 @@ def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
         trace_b=jnp.zeros((2, n, d), dtype),
         eligibility=jax.tree.map(jnp.zeros_like, params),
         rms=common.rmsprop_init(params),
-        input_mean=jnp.zeros((d,), dtype),
-        input_var=jnp.ones((d,), dtype),
-        feature_mean=zeros_pair,
-        feature_var=jnp.ones((2, n), dtype),
-        features=zeros_pair,
-        prediction=jnp.zeros((), dtype),
+        **initial_readout(n, d, dtype)._asdict(),
     )
 
 
@@ -199,15 +166,11 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     """
     dtype = state.prediction.dtype
     params = state.params
-    alpha = jnp.asarray(hyper.step_size, dtype)
-    gamma = jnp.asarray(gamma, dtype)
-    gamma_lambda = gamma * jnp.asarray(hyper.lam, dtype)
-    rate = jnp.asarray(hyper.normalization_rate, dtype)
-    std_cap = jnp.asarray(hyper.std_cap, dtype)
+    s = step_scalars(hyper, gamma, dtype)
     rot = rotation(params.nu_log, params.theta_log)  # the parameters of this step's gradient and forward
 
     # 1-2. Decay the eligibility traces and add grad V(S_t) of the last forward pass.
-    eligibility = common.accumulate_traces(state.eligibility, value_gradient(cfg, state, rot), gamma_lambda)
+    eligibility = common.accumulate_traces(state.eligibility, value_gradient(cfg, state, rot), s.gamma_lambda)
 
     # 3. Forward on the normalised input, and the paper's traces for that same pass.
     x = jnp.asarray(observation, dtype)
@@ -218,20 +181,12 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     trace_lambda = rotate(rot, state.trace_lambda) + state.h
     trace_gamma = rotate(rot, state.trace_gamma) + drive
     trace_b = add_to_first(rotate(rot, state.trace_b), input_scale[:, None] * x_hat[None, :])
-    input_mean, input_var = common.ema_update(state.input_mean, state.input_var, x, rate, std_cap)
-
-    # Head feature statistics (before the prediction), then V.
-    out = activation(cfg.activation, h)
-    feature_mean, feature_var = common.ema_update(state.feature_mean, state.feature_var, out, rate, std_cap)
-    features = common.normalize(feature_mean, feature_var, out)
-    prediction = jnp.sum(params.head_w * features) + params.head_b
+    # Input and head feature statistics (before the prediction), then V.
+    out = readout(cfg.activation, state, x, h, params.head_w, params.head_b, s)
 
     # 4-5. TD error and RMSProp; the head's step size is alpha / (number of features).
-    delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
-    head_alpha = alpha / (2 * cfg.units)
-    params, rms = common.td_update(
-        params, state.rms, eligibility, delta, Params(alpha, alpha, alpha, alpha, head_alpha, head_alpha)
-    )
+    params, rms = common.td_learn(params, state.rms, eligibility, cumulant, s.gamma, out.prediction, state.prediction,
+                                  step_sizes(params, s.alpha, cfg.units))
     new_state = State(
         t=state.t + 1,
         params=params,
@@ -241,14 +196,9 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
         trace_b=trace_b,
         eligibility=eligibility,
         rms=rms,
-        input_mean=input_mean,
-        input_var=input_var,
-        feature_mean=feature_mean,
-        feature_var=feature_var,
-        features=features,
-        prediction=prediction,
+        **out._asdict(),
     )
-    return new_state, prediction
+    return new_state, out.prediction
 
 
 # --------------------------------------------------------------------------- compute accounting
@@ -267,35 +217,16 @@ def cost(cfg: Config) -> Cost:
     (the recurrent parameters, those with traces).
     """
     n, d = cfg.units, cfg.n_inputs
-    params = n_params(cfg)
-    recurrent = 3 * n + 2 * n * d
-    flops = (
-        _PER_INPUT * d
-        + _PER_UNIT_INPUT * n * d
-        + (_PER_UNIT + _ACTIVATION_PER_UNIT[cfg.activation]) * n
-        + _LEARN_PER_PARAM * params
-        + _FIXED
-    )
-    return Cost(
-        params=params,
-        learning_params=params,
-        flops_per_step=int(flops),
-        paper_ops_per_step=int(params + 4 * recurrent),
-    )
+    return recurrent_cost(cfg, n_params(cfg), 3 * n + 2 * n * d, _PER_UNIT)
 
 
-# Per-element operation counts of the code above (derivation in docs/compute.md).
-_PER_INPUT = 12  # input statistics (EMA mean 3, variance 5, max 1) and normalisation (sub, sqrt, div)
-# per (unit, input), besides the per-parameter learning: drive B x_hat 4 (2 dots), e_B rotated (6)
-# plus its direct term (2), grad V of B_re and B_im (6)
-_PER_UNIT_INPUT = 18
+# Per-element operation counts of the code above (derivation in docs/compute.md). The per-input,
+# per-parameter and fixed counts are the RTU's (rtu.recurrent_cost): per (unit, input), drive
+# B x_hat 4 (2 dots), e_B rotated (6) plus its direct term (2), grad V of B_re and B_im (6), 18.
 # per unit: eigenvalues (exp x3 and a negation, cos, sin, 2 mul) 8 and gamma (exp) 1; forward
 # (rotation 6, gamma * drive 2, add 2) 10; e_lambda and e_gamma (rotation 6, add 2, twice) 16;
 # lambda e_lambda 6 and the grad V of nu_log, theta_log, gamma_log 4 + 4 + 4; head scale
 # w / sqrt(v) 4; head feature statistics (9), normalisation (3) and dot (2), twice 28
 _PER_UNIT = 9 + 10 + 16 + 18 + 4 + 28
-_ACTIVATION_PER_UNIT = {"linear": 0, "relu": 2 * 4, "tanh": 2 * 4}  # f, f' and its product, twice
-_LEARN_PER_PARAM = 13  # eligibility (2), delta * e (1), RMSProp statistics (4) and scaling (3), alpha * u + add (2)
-_FIXED = 12  # delta, gamma * lambda, head step size, step counter
 
 __all__ = ["Config", "Hyper", "Params", "State", "init", "step", "cost", "value_gradient"]

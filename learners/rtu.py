@@ -67,13 +67,9 @@ def check_common_fields(kind: str, cfg) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Static shape of an RTU learner (hashable: it selects the compiled program).
-
-    activation "linear" is the linear RTU; "relu" or "tanh" the non-linear RTU. r_min, r_max
-    and max_phase set the initial eigenvalues: |lambda| uniform on the ring [r_min, r_max] of
-    the complex plane, phase uniform in [0, max_phase] (the authors' defaults).
-    """
+class UnitsConfig:
+    """The fields and parsing shared by the RTU and LRU configs; each subclasses it as its Config
+    and sets KIND ("rtu", "lru": the module named in errors)."""
 
     n_inputs: int
     units: int
@@ -84,22 +80,35 @@ class Config:
     dtype: str = "float32"
 
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("units",)
+    KIND: ClassVar[str] = "rtu"
 
     def __post_init__(self):
-        check_common_fields("rtu", self)
+        check_common_fields(self.KIND, self)
 
     @classmethod
-    def from_shape(cls, shape: str, n_inputs: int, **static) -> Config:
+    def from_shape(cls, shape: str, n_inputs: int, **static):
         """Parse the shape "n" (number of units), e.g. "32"; static settings as keywords."""
-        return build_config(cls, "RTU", shape, n_inputs, static)
+        return build_config(cls, cls.KIND.upper(), shape, n_inputs, static)
 
     @property
     def shape(self) -> str:
         return str(self.units)
 
 
+@dataclasses.dataclass(frozen=True)
+class Config(UnitsConfig):
+    """Static shape of an RTU learner (hashable: it selects the compiled program).
+
+    activation "linear" is the linear RTU; "relu" or "tanh" the non-linear RTU. r_min, r_max
+    and max_phase set the initial eigenvalues: |lambda| uniform on the ring [r_min, r_max] of
+    the complex plane, phase uniform in [0, max_phase] (the authors' defaults).
+    """
+
+    KIND: ClassVar[str] = "rtu"
+
+
 class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap).
+    """Traced hyperparameters of the RTU and the LRU (Python floats or JAX scalars; arrays [B] under vmap).
 
     step_size: alpha of the recurrent parameters (the head uses alpha / 2n); lam: TD(lambda) trace
     decay; normalization_rate: EMA decay of the input and head normalisers; std_cap: floor on their variance.
@@ -248,6 +257,88 @@ def input_weight_gradient(scale: jax.Array, trace: jax.Array) -> jax.Array:
     return signed(-a) * trace + b * jnp.flip(trace, 0)
 
 
+class Scalars(NamedTuple):
+    """A step's hyperparameters and discount as scalars of the learner's dtype."""
+
+    alpha: jax.Array
+    gamma: jax.Array
+    gamma_lambda: jax.Array
+    rate: jax.Array
+    std_cap: jax.Array
+
+
+def step_scalars(hyper: Hyper, gamma, dtype) -> Scalars:
+    """Cast the step's hyperparameters and discount to `dtype`; gamma_lambda = gamma * lam."""
+    alpha = jnp.asarray(hyper.step_size, dtype)
+    gamma = jnp.asarray(gamma, dtype)
+    gamma_lambda = gamma * jnp.asarray(hyper.lam, dtype)
+    return Scalars(alpha, gamma, gamma_lambda, jnp.asarray(hyper.normalization_rate, dtype),
+                   jnp.asarray(hyper.std_cap, dtype))
+
+
+class Readout(NamedTuple):
+    """Statistics and head output of one forward pass: the last six fields of an RTU or LRU State."""
+
+    input_mean: jax.Array  # [d]
+    input_var: jax.Array  # [d]
+    feature_mean: jax.Array  # [2, n]
+    feature_var: jax.Array  # [2, n]
+    features: jax.Array  # [2, n]
+    prediction: jax.Array  # []
+
+
+def initial_readout(units: int, n_inputs: int, dtype) -> Readout:
+    """Statistics (0, 1), features and prediction 0: those of a fresh learner."""
+    zeros_pair = jnp.zeros((2, units), dtype)
+    return Readout(
+        input_mean=jnp.zeros((n_inputs,), dtype),
+        input_var=jnp.ones((n_inputs,), dtype),
+        feature_mean=zeros_pair,
+        feature_var=jnp.ones((2, units), dtype),
+        features=zeros_pair,
+        prediction=jnp.zeros((), dtype),
+    )
+
+
+def readout(activation_name: str, state, x: jax.Array, pair: jax.Array, head_w, head_b, s: Scalars) -> Readout:
+    """Update the input statistics with x, then the head feature statistics of f(pair) (before the
+    prediction), then V = w . feature_hat + b. `state` holds the statistics of the last step."""
+    input_mean, input_var = common.ema_update(state.input_mean, state.input_var, x, s.rate, s.std_cap)
+    out = activation(activation_name, pair)
+    feature_mean, feature_var = common.ema_update(state.feature_mean, state.feature_var, out, s.rate, s.std_cap)
+    features = common.normalize(feature_mean, feature_var, out)
+    prediction = jnp.sum(head_w * features) + head_b
+    return Readout(input_mean, input_var, feature_mean, feature_var, features, prediction)
+
+
+def step_sizes(params, alpha: jax.Array, units: int):
+    """alpha for every recurrent parameter, alpha / 2n (the number of features) for the head.
+
+    `params` is a Params NamedTuple ending with (head_w, head_b), as the RTU's and the LRU's.
+    """
+    head_alpha = alpha / (2 * units)
+    return type(params)(*(alpha,) * (len(params) - 2), head_alpha, head_alpha)
+
+
+def recurrent_cost(cfg, params: int, recurrent: int, per_unit: int) -> Cost:
+    """Cost of an RTU or LRU with `params` parameters, `recurrent` of them with traces, and
+    `per_unit` operations per unit besides the activation (the rest is counted alike in both)."""
+    n, d = cfg.units, cfg.n_inputs
+    flops = (
+        _PER_INPUT * d
+        + _PER_UNIT_INPUT * n * d
+        + (per_unit + _ACTIVATION_PER_UNIT[cfg.activation]) * n
+        + _LEARN_PER_PARAM * params
+        + _FIXED
+    )
+    return Cost(
+        params=params,
+        learning_params=params,
+        flops_per_step=int(flops),
+        paper_ops_per_step=int(params + 4 * recurrent),
+    )
+
+
 # --------------------------------------------------------------------------- init
 def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
     """Fresh learner: eigenvalues on the ring, W LeCun normal, head 0, statistics (0, 1), traces 0."""
@@ -273,12 +364,7 @@ def init(cfg: Config, hyper: Hyper, key: jax.Array) -> State:
         trace_w=jnp.zeros((2, n, d), dtype),
         eligibility=jax.tree.map(jnp.zeros_like, params),
         rms=common.rmsprop_init(params),
-        input_mean=jnp.zeros((d,), dtype),
-        input_var=jnp.ones((d,), dtype),
-        feature_mean=zeros_pair,
-        feature_var=jnp.ones((2, n), dtype),
-        features=zeros_pair,
-        prediction=jnp.zeros((), dtype),
+        **initial_readout(n, d, dtype)._asdict(),
     )
 
 
@@ -309,14 +395,10 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     """
     dtype = state.prediction.dtype
     params = state.params
-    alpha = jnp.asarray(hyper.step_size, dtype)
-    gamma = jnp.asarray(gamma, dtype)
-    gamma_lambda = gamma * jnp.asarray(hyper.lam, dtype)
-    rate = jnp.asarray(hyper.normalization_rate, dtype)
-    std_cap = jnp.asarray(hyper.std_cap, dtype)
+    s = step_scalars(hyper, gamma, dtype)
 
     # 1-2. Decay the eligibility traces and add grad V(S_t) of the last forward pass.
-    eligibility = common.accumulate_traces(state.eligibility, value_gradient(cfg, state), gamma_lambda)
+    eligibility = common.accumulate_traces(state.eligibility, value_gradient(cfg, state), s.gamma_lambda)
 
     # 3. Forward on the normalised input, and the RTRL sensitivities of that same pass.
     x = jnp.asarray(observation, dtype)
@@ -330,20 +412,12 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     trace_nu = rotate(rot, state.trace_nu) - rot.nu * recurrent + (rot.nu * rot.r * rot.r / eta) * drive
     trace_theta = rotate(rot, state.trace_theta) + signed(rot.theta) * jnp.flip(recurrent, 0)
     trace_w = add_to_first(rotate(rot, state.trace_w), eta[:, None] * x_hat[None, :])
-    input_mean, input_var = common.ema_update(state.input_mean, state.input_var, x, rate, std_cap)
-
-    # Head feature statistics (before the prediction), then V.
-    h = activation(cfg.activation, c)
-    feature_mean, feature_var = common.ema_update(state.feature_mean, state.feature_var, h, rate, std_cap)
-    features = common.normalize(feature_mean, feature_var, h)
-    prediction = jnp.sum(params.head_w * features) + params.head_b
+    # Input and head feature statistics (before the prediction), then V.
+    out = readout(cfg.activation, state, x, c, params.head_w, params.head_b, s)
 
     # 4-5. TD error and RMSProp; the head's step size is alpha / (number of features).
-    delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
-    head_alpha = alpha / (2 * cfg.units)
-    params, rms = common.td_update(
-        params, state.rms, eligibility, delta, Params(alpha, alpha, alpha, head_alpha, head_alpha)
-    )
+    params, rms = common.td_learn(params, state.rms, eligibility, cumulant, s.gamma, out.prediction, state.prediction,
+                                  step_sizes(params, s.alpha, cfg.units))
     new_state = State(
         t=state.t + 1,
         params=params,
@@ -353,14 +427,9 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
         trace_w=trace_w,
         eligibility=eligibility,
         rms=rms,
-        input_mean=input_mean,
-        input_var=input_var,
-        feature_mean=feature_mean,
-        feature_var=feature_var,
-        features=features,
-        prediction=prediction,
+        **out._asdict(),
     )
-    return new_state, prediction
+    return new_state, out.prediction
 
 
 # --------------------------------------------------------------------------- compute accounting
@@ -379,24 +448,11 @@ def cost(cfg: Config) -> Cost:
     (the recurrent parameters, those with sensitivities).
     """
     n, d = cfg.units, cfg.n_inputs
-    params = n_params(cfg)
-    recurrent = 2 * n + 2 * n * d
-    flops = (
-        _PER_INPUT * d
-        + _PER_UNIT_INPUT * n * d
-        + (_PER_UNIT + _ACTIVATION_PER_UNIT[cfg.activation]) * n
-        + _LEARN_PER_PARAM * params
-        + _FIXED
-    )
-    return Cost(
-        params=params,
-        learning_params=params,
-        flops_per_step=int(flops),
-        paper_ops_per_step=int(params + 4 * recurrent),
-    )
+    return recurrent_cost(cfg, n_params(cfg), 2 * n + 2 * n * d, _PER_UNIT)
 
 
-# Per-element operation counts of the code above (derivation in docs/compute.md).
+# Per-element operation counts of the code above (derivation in docs/compute.md), the LRU's too
+# but for _PER_UNIT (lru._PER_UNIT).
 _PER_INPUT = 12  # input statistics (EMA mean 3, variance 5, max 1) and normalisation (sub, sqrt, div)
 # per (unit, input), besides the per-parameter learning: drive W x_hat 4 (2 dots), the W1
 # sensitivity pair rotated (6) plus its direct term (2), grad V of W1 and W2 (6)
@@ -407,7 +463,7 @@ _PER_UNIT_INPUT = 18
 # theta * 2, add 2) 11; their grad V 6; head scale w / sqrt(v) 4; head feature statistics (9),
 # normalisation (3) and dot (2), twice 28
 _PER_UNIT = 13 + 10 + 17 + 11 + 6 + 4 + 28
-_ACTIVATION_PER_UNIT = {"linear": 0, "relu": 2 * 4, "tanh": 2 * 4}  # f(c), f'(c) and its product, twice
+_ACTIVATION_PER_UNIT = {"linear": 0, "relu": 2 * 4, "tanh": 2 * 4}  # f(c), f'(c) and its product, twice, per unit
 _LEARN_PER_PARAM = 13  # eligibility (2), delta * e (1), RMSProp statistics (4) and scaling (3), alpha * u + add (2)
 _FIXED = 12  # delta, gamma * lambda, head step size, step counter
 

@@ -33,26 +33,35 @@ from learners.compute import Cost
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Static shape of a SnAp-1 learner: H hidden units (shape string "H")."""
+class HiddenConfig:
+    """The fields and parsing shared by the dense-LSTM learners' configs (SnAp-1, UORO): H hidden
+    units (shape string "H"). Each subclasses it as its Config and sets KIND (the module in errors)."""
 
     n_inputs: int
     hidden: int
     dtype: str = "float32"
 
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("hidden",)
+    KIND: ClassVar[str] = "snap1"
 
     def __post_init__(self):
-        check_fields("snap1", self)
+        check_fields(self.KIND, self)
 
     @classmethod
-    def from_shape(cls, shape: str, n_inputs: int, **static) -> Config:
+    def from_shape(cls, shape: str, n_inputs: int, **static):
         """Parse "H" (hidden units), e.g. "8"; `static` holds the other fields (dtype)."""
-        return cls(n_inputs, parse_hidden("snap1", shape), **static_fields(cls, "snap1", static))
+        return cls(n_inputs, parse_hidden(cls.KIND, shape), **static_fields(cls, cls.KIND, static))
 
     @property
     def shape(self) -> str:
         return str(self.hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(HiddenConfig):
+    """Static shape of a SnAp-1 learner: H hidden units (shape string "H")."""
+
+    KIND: ClassVar[str] = "snap1"
 
     @property
     def packed(self) -> int:
@@ -85,7 +94,7 @@ def static_fields(cls, kind: str, static: dict) -> dict:
 
 
 class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap)."""
+    """Traced hyperparameters of SnAp-1 and UORO (Python floats or JAX scalars; arrays [B] under vmap)."""
 
     step_size: float = 1e-3
     lam: float = 0.99
@@ -189,9 +198,8 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     trace_h, trace_c = ccn.rtrl_update(params.weights, z, state.c, c, gates, state.trace_h, state.trace_c)
 
     prediction = jnp.dot(params.w, h)
-    delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
-    alpha = jnp.asarray(hyper.step_size, dtype)
-    params, rms = common.td_update(params, state.rms, eligibility, delta, Params(alpha, alpha))
+    params, rms = common.td_learn(params, state.rms, eligibility, cumulant, gamma, prediction, state.prediction,
+                                  hyper.step_size)
     new_state = State(
         t=state.t + 1,
         params=params,

@@ -38,37 +38,15 @@ EPS = 1e-7  # the paper's epsilon in rho0 and rho1
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(snap1.HiddenConfig):
     """Static shape of a UORO learner: H hidden units (shape string "H")."""
 
-    n_inputs: int
-    hidden: int
-    dtype: str = "float32"
-
-    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("hidden",)
-
-    def __post_init__(self):
-        snap1.check_fields("uoro", self)
-
-    @classmethod
-    def from_shape(cls, shape: str, n_inputs: int, **static) -> Config:
-        """Parse "H" (hidden units), e.g. "9"; `static` holds the other fields (dtype)."""
-        return cls(n_inputs, snap1.parse_hidden("uoro", shape), **snap1.static_fields(cls, "uoro", static))
-
-    @property
-    def shape(self) -> str:
-        return str(self.hidden)
-
-
-class Hyper(NamedTuple):
-    """Traced hyperparameters (Python floats or JAX scalars; arrays [B] under vmap)."""
-
-    step_size: float = 1e-3
-    lam: float = 0.99
+    KIND: ClassVar[str] = "uoro"
 
 
 # --------------------------------------------------------------------------- the learner protocol (learners.registry)
 TITLE = "UORO"
+Hyper = snap1.Hyper
 check_hyper = snap1.check_hyper
 candidate_shapes = snap1.candidate_shapes
 
@@ -158,9 +136,8 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
     )
 
     prediction = jnp.dot(params.w, h)
-    delta = common.td_error(jnp.asarray(cumulant, dtype), gamma, prediction, state.prediction)
-    alpha = jnp.asarray(hyper.step_size, dtype)
-    params, rms = common.td_update(params, state.rms, eligibility, delta, tbptt.Params(alpha, alpha, alpha, alpha))
+    params, rms = common.td_learn(params, state.rms, eligibility, cumulant, gamma, prediction, state.prediction,
+                                  hyper.step_size)
     new_state = State(
         t=state.t + 1,
         params=params,

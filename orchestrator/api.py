@@ -263,6 +263,7 @@ def run_sweep(
                     checkpoint_every=sweep.checkpoint_every,
                     progress=display,
                     on_batch_done=tracker.batch_done if tracker else None,
+                    digest=tracker is not None,  # only W&B reads the actors' digests
                 )
                 if tracker:
                     tracker.close(timeout=5.0 if outcome.interrupted else 60.0)

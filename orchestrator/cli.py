@@ -347,8 +347,12 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # `kill` (SIGTERM) stops a sweep as Ctrl-C does: a background job's shell ignores SIGINT
+        # `kill` (SIGTERM) stops a sweep as Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
+        # and so does SIGINT, always: a process started in the background by a non-interactive shell
+        # (`ccn run ... &` in a script, `setsid ccn run ... &`) inherits SIGINT ignored, and Python then
+        # leaves it ignored, so Ctrl-C or `kill -INT` would not stop the sweep
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return COMMANDS[arguments.command](arguments)
     except SpecError as error:

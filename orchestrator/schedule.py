@@ -105,9 +105,16 @@ _CLAIMED: list[int] = []  # the open lock file of this process's core (kept open
 
 
 class BatchWorker:
-    """A Ray actor body: runs batches with one executor, writes each batch's files atomically."""
+    """A Ray actor body: runs batches with one executor, writes each batch's files atomically.
 
-    def __init__(self, results_root: str, sweep: str, compilation_cache_dir: str | None, checkpoint_every: int = 0):
+    digest: put tracking.batch_digest of each batch in the reply (what W&B logs; only the tracker
+    reads it, so a sweep without W&B does not pay for it).
+    """
+
+    def __init__(
+        self, results_root: str, sweep: str, compilation_cache_dir: str | None, checkpoint_every: int = 0,
+        digest: bool = False,
+    ):
         import ray
 
         self.core = None
@@ -121,6 +128,7 @@ class BatchWorker:
         self.executor = BatchExecutor(compilation_cache_dir)
         self.executor.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.checkpoint_every = checkpoint_every
+        self.digest = digest
 
     def ready(self) -> bool:
         """Answers once the actor is placed and started."""
@@ -136,7 +144,7 @@ class BatchWorker:
         runs = self._written_runs(batch)
         if runs is not None:
             self.store.delete_checkpoint(batch.batch_key)
-            summary = self._summary(batch, runs, started, self._written_metrics(batch))
+            summary = self._summary(batch, runs, started, self._written_metrics(batch) if self.digest else None)
             return {**summary, "compute_seconds": 0.0, "existing": True}
         runs, metrics = self.executor.tables(
             batch, attempt, checkpoints=self.store, checkpoint_every=self.checkpoint_every
@@ -171,8 +179,9 @@ class BatchWorker:
             return None
 
     def _summary(self, batch: Batch, runs, started: float, metrics=None) -> dict[str, Any]:
-        """The reply: counts for the driver and progress, and the W&B digest (tracking.batch_digest)
-        computed here from the tables just written, so the driver never reads them back."""
+        """The reply: counts for the driver and progress, and with `self.digest` the W&B digest
+        (tracking.batch_digest) computed here from the tables just written, so the driver never
+        reads them back (else None)."""
         import pyarrow.compute as pc
 
         count = runs.num_rows
@@ -188,7 +197,7 @@ class BatchWorker:
             "pid": os.getpid(),
             "resumed_from_step": resumed,
             "existing": False,
-            "digest": _digest(runs, metrics),
+            "digest": _digest(runs, metrics) if self.digest else None,
         }
 
 
@@ -259,7 +268,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     """Attach to `address` or start an embedded local Ray; returns whether we started it.
 
     The caller's own SIGTERM handler survives (ray.init replaces it with sys.exit; `ccn run`
-    handles SIGTERM as Ctrl-C).
+    handles SIGTERM as Ctrl-C). Ctrl-C while the embedded Ray starts stops what it started so far.
     """
     import ray
 
@@ -269,6 +278,10 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         return _connect(address, num_cpus)
+    except KeyboardInterrupt:
+        if not address:  # the embedded Ray's processes started so far (an attached cluster is not ours)
+            ray.shutdown()
+        raise
     finally:
         if callable(on_sigterm):
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -453,6 +466,7 @@ def run_batches(
     checkpoint_every: int = 0,
     progress: Progress | None = None,
     on_batch_done=None,
+    digest: bool = False,
     worker_class: type = None,
     max_preemptions: int | None = None,
 ) -> SweepOutcome:
@@ -480,8 +494,9 @@ def run_batches(
     finishing in between), no more are started; the live actors drain the queue, and when none
     is left the sweep stops with `outcome.stopped` saying why (instead of starting actors forever).
     on_batch_done(batch, summary): called in the driver after a batch's results are written, with
-    the actor's reply (its `digest` is what W&B logs); must return at once, e.g.
-    orchestrator.tracking.Tracker.batch_done.
+    the actor's reply; must return at once, e.g. orchestrator.tracking.Tracker.batch_done.
+    digest: the actors put the batch's W&B digest in their reply (`summary["digest"]`, what the
+    tracker logs); off (the default), it is None and costs nothing.
     worker_class: the actor body (default BatchWorker).
     """
     import ray
@@ -497,7 +512,7 @@ def run_batches(
     base: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_concurrency": 1}
     cpu_options = {**base, "runtime_env": {"env_vars": {"XLA_FLAGS": CPU_ACTOR_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}}}
     gpu_options = {**base, **gpu_actor_options(workers.per_gpu)}
-    arguments = (results_root, sweep, compilation_cache_dir, checkpoint_every)
+    arguments = (results_root, sweep, compilation_cache_dir, checkpoint_every, digest)
     cpu_slots = [node for node, cpus in workers.cpu_nodes for _ in range(cpus)]
     cpu_limit = len(batches) if workers.cpu is None else workers.cpu
     limits = {"gpu": min(workers.gpu, len(batches)), "cpu": min(cpu_limit, len(batches))}

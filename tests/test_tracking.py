@@ -245,6 +245,48 @@ def test_batch_digest_is_the_row_by_row_reading(tmp_path):
     assert curve[0]["runs"] == 2 and curve[0]["median"] == 0.8  # d's null and diverged b left out
 
 
+def test_the_actors_reply_carries_a_digest_only_for_wandb(tmp_path, monkeypatch):
+    """W&B off (BatchWorker's default; run_sweep asks for digests only with a tracker): the reply's
+    digest is None and batch_digest is never called; on (run_batches(digest=True)): the reply holds
+    batch_digest of the tables the actor wrote. The actor body in-process, on a batch's tables."""
+    import types
+
+    import pyarrow as pa
+
+    from orchestrator import schedule
+
+    monkeypatch.setenv("CCN_PIN_CORES", "0")  # never pin the test process to one core
+    monkeypatch.setattr(tracking, "batch_digest", counting := _Counting(tracking.batch_digest))
+    runs = pa.table({
+        "run_key": ["a", "b"], "seed": [0, 1], "status": ["complete", "diverged"], "diverged_at_step": [None, 100],
+        "wall_seconds": [1.5, 1.5], "resumed_from_step": pa.array([None, None], pa.int64()),
+    })  # fmt: skip
+    metrics = pa.table({
+        "run_key": ["a", "a", "b"], "step": pa.array([100, 200, 100], pa.int64()),
+        tracking.FINAL_ERROR_METRIC: [0.5, 0.25, 9.0],
+    })  # fmt: skip
+    batch = types.SimpleNamespace(batch_key="e" * 64)
+    off = schedule.BatchWorker(str(tmp_path), "wandb-test", None)._summary(batch, runs, 0.0, metrics)
+    assert off["runs"] == 2 and off["diverged"] == 1 and off["digest"] is None and counting.calls == 0
+
+    on = schedule.BatchWorker(str(tmp_path), "wandb-test", None, digest=True)._summary(batch, runs, 0.0, metrics)
+    assert on["runs"] == 2 and on["diverged"] == 1 and counting.calls == 1
+    expected = tracking.batch_digest(runs, metrics)
+    assert on["digest"].runs.equals(expected.runs) and on["digest"].curve.equals(expected.curve)
+    assert on["digest"].runs["final_error"].to_pylist() == [0.25, None]
+
+
+class _Counting:
+    """A function wrapped to count its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *arguments, **keywords):
+        self.calls += 1
+        return self.function(*arguments, **keywords)
+
+
 @pytest.mark.parametrize("mode", ["offline"])
 def test_wandb_errors_are_warnings_not_failures(tmp_path, mode):
     tracker = tracking.Tracker(mode, str(tmp_path / "results"), "missing")
