@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
+from jax import custom_batching, lax
 
 from learners import common, registry
 from learners.compute import Cost
@@ -213,10 +213,32 @@ def _rows(cfg: Config, array: jax.Array, start: jax.Array) -> jax.Array:
     return lax.dynamic_slice_in_dim(array, start, cfg.columns_per_stage, axis=0)
 
 
+@custom_batching.custom_vmap
+def _update_rows(array: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    return lax.dynamic_update_slice_in_dim(array, rows, start, axis=0)
+
+
+@_update_rows.def_vmap
+def _update_rows_vmap(axis_size, in_batched, array, rows, start):
+    """Under vmap with one start for the whole batch (the learner's `t` is unbatched), a plain
+    dynamic-update-slice of the batched array, not the clipped scatter (a select against the old
+    rows in every element) that vmap of dynamic_update_slice is."""
+    array_batched, rows_batched, start_batched = in_batched
+    if start_batched:
+        update = jax.vmap(lambda a, r, s: lax.dynamic_update_slice_in_dim(a, r, s, axis=0),
+                          in_axes=(0 if array_batched else None, 0 if rows_batched else None, 0))
+        return update(array, rows, start), True
+    if not array_batched:
+        array = jnp.broadcast_to(array, (axis_size, *array.shape))
+    if not rows_batched:
+        rows = jnp.broadcast_to(rows, (axis_size, *rows.shape))
+    return lax.dynamic_update_slice_in_dim(array, rows, start, axis=1), True
+
+
 def _put_rows(cfg: Config, array: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     if cfg.n_stages == 1:
         return rows
-    return lax.dynamic_update_slice_in_dim(array, rows, start, axis=0)
+    return _update_rows(array, rows, start)
 
 
 def _fresh_block(cfg: Config, weights, input_mean, input_var, start) -> LearningBlock:
@@ -352,11 +374,16 @@ def step(cfg: Config, hyper: Hyper, state: State, observation, cumulant, gamma):
                                input_mean=_put_rows(cfg, state.input_mean, block.input_mean, block_start),
                                input_var=_put_rows(cfg, state.input_var, block.input_var, block_start))
     # A stage that starts now loads its block from those rows, with fresh traces, eligibility and
-    # RMSProp (8b).
+    # RMSProp (8b). The parameters and statistics are read back from the rows of the stage learning
+    # now whether or not it starts (unchanged, those rows are the block just written: the same
+    # values), so only the traces go through the `cond` (fewer loop-carried copies per step).
     if staged:
         starts = stage != stage_at(cfg, jnp.maximum(t - 1, 0))
-        load = lambda _: _fresh_block(cfg, state.weights, state.input_mean, state.input_var, start)  # noqa: E731
-        block = lax.cond(starts, load, lambda unchanged: unchanged, block)
+        traces = (block.trace_h, block.trace_c, block.eligibility, block.rms)
+        fresh = lambda _: _fresh_block(cfg, state.weights, state.input_mean, state.input_var, start)[3:]  # noqa: E731
+        traces = lax.cond(starts, fresh, lambda unchanged: unchanged, traces)
+        block = LearningBlock(_rows(cfg, state.weights, start), _rows(cfg, state.input_mean, start),
+                              _rows(cfg, state.input_var, start), *traces)
 
     # 1-2. Decay the traces and add grad V(S_t) of the last forward pass. The column gradient
     # uses the current head weight and the head variance of that forward pass.

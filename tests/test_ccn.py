@@ -300,3 +300,89 @@ def test_stale_full_rows_of_the_learning_stage_do_not_matter():
     for a, b in zip(ccn.column_input_stats(cfg, final_a), ccn.column_input_stats(cfg, final_b), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(ccn.stage_at(cfg, final_a.t - 1)) == 2  # the comparison crossed a stage start
+
+
+# --------------------------------------------------------------------------- bitwise pin (issue 15 item 6)
+# A sweep's CCN results are keyed to the numerics of 2321b91: hot-loop work must not change a bit.
+# sha256 of the float32 predictions and every state leaf of a vmapped batch of 8 runs over 2,000
+# steps that cross stage starts, as learners/ccn.py at 2321b91 computes them (XLA CPU of jax 0.10.2
+# on x86-64 with AVX2). Another XLA build or CPU may round differently: on a digest mismatch the test
+# runs 2321b91's learners/ccn.py itself (from git) and requires bitwise equality with it instead.
+PINNED_REV = "2321b91"
+PINNED = {
+    (3, 6, 2, 500): "8648c7e1ffe4912e7ee8b135d794b970461ed205112ada29a94fd23a71596c3e",
+    (12, 20, 4, 600): "c8058d624e12a19e862bae8291ca26cd5eba5650a2c21c215078d16a7f823a22",
+}
+
+
+def _pinned_run(module, shape, steps=2000, batch=8):
+    """(predictions [B, T], final learner state) of a vmapped batch on a fixed binary stream."""
+    from environments.core import StreamStep
+    from learners import runner
+
+    cfg = module.Config(*shape)
+    rng = np.random.default_rng(11)
+    observation = (rng.random((steps, cfg.n_inputs)) < 0.3).astype(np.float32)
+    stream = StreamStep(jnp.asarray(observation), jnp.asarray(observation[:, 0]), jnp.full((steps,), 0.9, jnp.float32),
+                        jnp.zeros((steps,), jnp.float32))
+    full = lambda value: jnp.full((batch,), value, jnp.float32)  # noqa: E731
+    hypers = module.Hyper(0.01 * jnp.logspace(-0.5, 0.5, batch, dtype=jnp.float32), full(0.95), full(0.999), full(0.01))
+    batch_runner = runner.BatchRunner(module, cfg, donate=False)
+    carry = batch_runner.init(hypers, jax.random.split(jax.random.PRNGKey(5), batch))
+    carry, predictions = batch_runner.advance(hypers, carry, stream)
+    return np.asarray(predictions), carry.learner
+
+
+def _digest(predictions, state) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(predictions).tobytes())
+    for leaf in jax.tree.leaves(state):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def _module_at(rev: str):
+    """learners/ccn.py at git revision `rev`, imported under a name of its own (None without git)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:learners/ccn.py"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name = f"ccn_at_{rev}"
+    path = Path(tempfile.mkdtemp(prefix="ccn-pinned-")) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", list(PINNED))
+def test_bitwise_equal_to_pinned_revision(shape):
+    """Predictions and every state leaf are bitwise those of learners/ccn.py at 2321b91: the digest
+    recorded from it, or (another XLA build or CPU) that revision itself run here from git."""
+    predictions, state = _pinned_run(ccn, shape)
+    cfg = ccn.Config(*shape)
+    assert int(ccn.stage_at(cfg, state.t - 1)) >= 2  # the run crossed stage starts
+    assert np.isfinite(predictions).all() and np.abs(predictions).max() > 0
+    if _digest(predictions, state) == PINNED[shape]:
+        return
+    old = _module_at(PINNED_REV)
+    if old is None:
+        pytest.fail(f"{shape}: results differ from the digest recorded from {PINNED_REV}, and git cannot show "
+                    f"{PINNED_REV}:learners/ccn.py to tell another XLA build from a change of numerics")
+    old_predictions, old_state = _pinned_run(old, shape)
+    np.testing.assert_array_equal(predictions, old_predictions, err_msg=f"{shape}: predictions differ")
+    assert jax.tree.structure(state) == jax.tree.structure(old_state)
+    for (path, leaf), old_leaf in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(old_state),
+                                      strict=True):
+        assert np.array_equal(np.asarray(leaf), np.asarray(old_leaf)), f"{shape}: {jax.tree_util.keystr(path)} differs"
