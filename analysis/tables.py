@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -72,10 +73,11 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
     for row in settings(results, criterion):
         by_learner[tuple(row[k] for k in LEARNER)].append(row)
     winners = []
+    columns = results.setting_columns
     for key, rows in by_learner.items():
         eligible = [r for r in rows if r["seeds"] == r["runs"] and r["seeds"] > 0]
         best = min(eligible, key=lambda r: (r["mean"], r["config"]), default=None)
-        pairs = [_pairs(r["config"]) for r in rows]
+        pairs = [_pairs(r["config"], columns) for r in rows]
         varying = [k for k in pairs[0] if len({p.get(k) for p in pairs}) > 1] or ["step_size"]
         winners.append(
             {
@@ -83,7 +85,7 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
                 "flops_per_step": rows[0]["flops_per_step"],
                 "cost_source": rows[0]["cost_source"],  # measured: XLA's count (a learner without an analytic cost)
                 "config": best["config"] if best else None,
-                "setting": ", ".join(f"{k}={v}" for k, v in _pairs(best["config"]).items() if k in varying)
+                "setting": ", ".join(f"{k}={v}" for k, v in _pairs(best["config"], columns).items() if k in varying)
                 if best
                 else None,  # the config's hyperparameters that vary among this learner's settings
                 "mean": best["mean"] if best else None,
@@ -104,8 +106,11 @@ def select(results: Results, criterion: str = "final_error") -> list[dict]:
     return winners
 
 
-def _pairs(config: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in config.split(", ") if part)
+def _pairs(config: str, columns) -> dict[str, str]:
+    """A `config` text ('step_size=0.001, lam=0.99, learner_settings={"a": 1, "b": 2}') as column -> value
+    text. Split only before a setting column's name: a value may itself hold ', ' (a JSON object)."""
+    names = "|".join(re.escape(c) for c in sorted(columns, key=len, reverse=True))
+    return dict(part.split("=", 1) for part in re.split(rf", (?=(?:{names})=)", config) if part)
 
 
 def _per_seed(results: Results, stage: str, winner: dict) -> dict[str, object]:

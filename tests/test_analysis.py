@@ -29,12 +29,13 @@ BEST = {"columnar": 0.01, "tbptt": 0.001, "ccn": 0.01}
 
 def write_sweep(
     root, sweep: str, seeds, *, learners=LEARNERS, diverge=(), noise=0.01, rng_seed=0, task="t", task_params=None,
-    blow_up=(),
+    blow_up=(), learner_settings=None,
 ) -> None:
     """Synthetic results in the documented layout: one runs and one metrics file per learner.
 
     diverge: (label, step_size, seed) triples whose run diverges at step 500.
     blow_up: (label, step_size, seed) triples whose final error is 1,000x the learner's (finite, complete).
+    learner_settings: label -> the runs' `learner_settings` JSON text (a section 9 learner's settings).
     """
     rng = np.random.default_rng(rng_seed)
     for label, (kind, shape, flops, paper_ops, errors) in learners.items():
@@ -51,6 +52,7 @@ def write_sweep(
                         "seed": seed, "steps": STEPS, "log_every": LOG_EVERY, "flops_per_step": flops,
                         "paper_ops_per_step": paper_ops, "status": "diverged" if diverged else "complete",
                         "diverged_at_step": 500 if diverged else None,
+                        "learner_settings": (learner_settings or {}).get(label),
                     }
                 )  # fmt: skip
                 end = final + noise * rng.standard_normal()
@@ -250,6 +252,17 @@ def test_a_table_uses_one_number_format_and_shows_the_reference_levels(tmp_path)
     standing = {line.split()[2]: line for line in text.splitlines()[2:5]}
     assert "not below" not in standing["ccn"] and "below (0.27x)" in standing["ccn"]  # 0.005 / 0.0188
     assert "below (0.99x)" in standing["columnar"]  # zero-width interval, just below the level
+
+
+def test_selection_reads_settings_whose_values_hold_commas(tmp_path):
+    """A section 9 learner's `learner_settings` is a JSON object ('{"activation": "tanh", "units": 27}'):
+    its ', ' is not a separator of the config text (the first real RTU sweep crashed `select` on it)."""
+    rtu = {"rtu": ("rtu", "27", 5000, 400, {0.01: 0.2, 0.001: 0.1})}
+    settings = {"rtu": json.dumps({"activation": "tanh", "max_phase": 6.28, "units": 27})}
+    write_sweep(tmp_path, "c", range(2), learners=rtu, noise=0.0, learner_settings=settings)
+    [winner] = select(load(str(tmp_path), "c"))
+    assert winner["setting"] == "step_size=0.001" and winner["candidates"] == 2
+    assert 'learner_settings={"activation": "tanh", "max_phase": 6.28, "units": 27}' in winner["config"]
 
 
 def test_seeds_that_blew_up_without_a_nan_are_counted_in_the_table_and_the_verdict(tmp_path):
