@@ -343,27 +343,19 @@ def _digest(predictions, state) -> str:
 
 
 def _module_at(rev: str):
-    """learners/ccn.py at git revision `rev`, imported under a name of its own (None without git)."""
+    """learners/ccn.py at git revision `rev`, imported under a name of its own (None without git):
+    benchmarks/learners.py's --baseline-rev loader."""
     import importlib.util
-    import subprocess
-    import sys
-    import tempfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learners.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_learners", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     try:
-        source = subprocess.run(["git", "show", f"{rev}:learners/ccn.py"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        return bench.load_baseline(bench.baseline_source(rev), rev)
+    except (OSError, SystemExit):  # no git, or no such revision here
         return None
-    name = f"ccn_at_{rev}"
-    path = Path(tempfile.mkdtemp(prefix="ccn-pinned-")) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("shape", list(PINNED))
