@@ -374,7 +374,15 @@ def test_bitwise_equal_to_pinned_revision(shape):
                     f"{PINNED_REV}:learners/ccn.py to tell another XLA build from a change of numerics")
     old_predictions, old_state = _pinned_run(old, shape)
     np.testing.assert_array_equal(predictions, old_predictions, err_msg=f"{shape}: predictions differ")
-    assert jax.tree.structure(state) == jax.tree.structure(old_state)
+    paths = lambda tree: [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]  # noqa: E731
+    assert paths(state) == paths(old_state)  # same fields (the State classes are the two modules' own)
     for (path, leaf), old_leaf in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(old_state),
                                       strict=True):
         assert np.array_equal(np.asarray(leaf), np.asarray(old_leaf)), f"{shape}: {jax.tree_util.keystr(path)} differs"
+
+
+def test_the_pinned_revision_fallback_runs_the_old_code(monkeypatch):
+    """The digest-mismatch path (another XLA build or CPU) runs: 2321b91's module from git, leaf by leaf."""
+    shape = next(iter(PINNED))
+    monkeypatch.setitem(PINNED, shape, "0" * 64)  # as if this machine rounded differently
+    test_bitwise_equal_to_pinned_revision(shape)
