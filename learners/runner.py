@@ -14,8 +14,13 @@ Per step, the prediction either is returned ([T] per run) or goes to an on-devic
 device; without a reducer the caller sees the predictions themselves.
 
 Log points: `advance_log_points(hypers, carry, L)` runs L chunks of `chunk_steps` steps in one
-call (an outer `lax.scan` over the inner one) and applies a pure `read(carry)` per run after
-each chunk, so one host round trip returns [L, B] read-outs (the reducer's metrics by default).
+call and applies a pure `read(carry)` per run after each chunk, so one host round trip returns
+[L, B] read-outs (the reducer's metrics by default). It is one flat `lax.scan` of L x chunk_steps
+steps whose body, after a chunk's last step, writes `read(carry)` into row k of the [L, ...]
+read-outs under a `lax.cond` (its predicate is the step index, shared by the batch, so under
+vmap it stays a branch, not a select). Not an outer scan around an inner one: XLA then copied
+the learner's loop-carried state at every step of the inner loop (columnar 7:7: its traces,
+~10% more CPU per step; docs/benchmarks.md, data path).
 
 A learner is a module (or any object) with `init(cfg, hyper, key)` and
 `step(cfg, hyper, state, observation, cumulant, gamma) -> (state, prediction)`.
@@ -173,29 +178,43 @@ class BatchRunner:
             got = None if steps is None else steps.observation.shape[0]
             raise ValueError(f"advance_log_points: pass steps of {log_points} x {self.chunk_steps} = {total} steps, "
                              f"got {got}")
-        return program(hypers, carry, jax.tree.map(lambda x: x.reshape(log_points, self.chunk_steps, *x.shape[1:]),
-                                                   steps))
+        return program(hypers, carry, steps)
 
     def _log_points_program(self, log_points: int):
         learner, cfg, stream, reducer, read = self.learner, self.cfg, self.stream, self.reducer, self.read
         chunk_steps = self.chunk_steps
 
+        def flat(hyper, carry: Carry, next_step, xs):
+            """L x chunk_steps steps in one scan; xs: (step index [L * chunk_steps], per-step stream input)."""
+            shapes = jax.eval_shape(read, carry)
+            outputs = jax.tree.map(lambda leaf: jnp.zeros((log_points, *leaf.shape), leaf.dtype), shapes)
+            step_once = _scan_body(learner, cfg, hyper, next_step, reducer)
+
+            def body(state, x):
+                carry, outputs = state
+                index, x_t = x
+                carry, _ = step_once(carry, x_t)
+
+                def write(outputs):
+                    row = (index + 1) // chunk_steps - 1
+                    return jax.tree.map(lambda out, value: lax.dynamic_update_index_in_dim(out, value, row, 0),
+                                        outputs, read(carry))
+
+                outputs = lax.cond((index + 1) % chunk_steps == 0, write, lambda outputs: outputs, outputs)
+                return (carry, outputs), None
+
+            index = jnp.arange(log_points * chunk_steps, dtype=jnp.int32)
+            (carry, outputs), _ = lax.scan(body, (carry, outputs), (index, xs))
+            return carry, outputs
+
         if stream is not None:
             def one(hyper, carry):
-                def log_point(carry, _):
-                    carry, _ = scan_stream(learner, cfg, hyper, carry, stream, chunk_steps, reducer)
-                    return carry, read(carry)
-
-                return lax.scan(log_point, carry, None, length=log_points)
+                return flat(hyper, carry, lambda stream_state, _: stream.step(stream_state), None)
 
             program = jax.vmap(one, in_axes=(0, self._axes), out_axes=(self._axes, 1))
         else:
-            def one(hyper, carry, steps):  # steps: [log_points, chunk_steps, ...]
-                def log_point(carry, chunk):
-                    carry, _ = scan_arrays(learner, cfg, hyper, carry, chunk, reducer)
-                    return carry, read(carry)
-
-                return lax.scan(log_point, carry, steps)
+            def one(hyper, carry, steps):  # steps: [log_points * chunk_steps, ...]
+                return flat(hyper, carry, lambda stream_state, step_t: (stream_state, step_t), steps)
 
             program = jax.vmap(one, in_axes=(0, self._axes, None), out_axes=(self._axes, 1))
         self._logged[log_points] = jax.jit(program, donate_argnums=self._donate_argnums)
