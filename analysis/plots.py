@@ -2,8 +2,10 @@
 
 Every figure of a task draws its reference levels (analysis.references: the error of predicting 0
 and of predicting the mean return) as labelled horizontal lines, and every legend entry names the
-learner's shape. keep: a dict that receives each Figure by name, left open (tests inspect them);
-without it the figure is closed once saved.
+learner's shape, and every series of a figure has its own style (`series_styles`: ten colours, then
+the same colours with the next line style and marker, so a figure of 14 learners repeats no look).
+keep: a dict that receives each Figure by name, left open (tests inspect them); without it the
+figure is closed once saved.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ PREDICT_ZERO_STYLE = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}
 PREDICT_MEAN_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.5}
 PREDICT_ZERO_LABEL = "predict 0"
 PREDICT_MEAN_LABEL = "predict the mean return"
+SERIES_COLORS = tuple(f"C{i}" for i in range(10))  # matplotlib's default cycle (tab10)
+SERIES_LINESTYLES = ("-", "--", "-.", ":")
+SERIES_MARKERS = ("o", "s", "^", "D")
+
+
+def series_styles(count: int) -> list[dict]:
+    """`count` distinct series styles: colour i % 10, and line style and marker i // 10 (40 before any
+    repeat); matplotlib's own cycle repeats its colours from the 11th series on."""
+    return [
+        {
+            "color": SERIES_COLORS[i % len(SERIES_COLORS)],
+            "linestyle": SERIES_LINESTYLES[(i // len(SERIES_COLORS)) % len(SERIES_LINESTYLES)],
+            "marker": SERIES_MARKERS[(i // len(SERIES_COLORS)) % len(SERIES_MARKERS)],
+        }
+        for i in range(count)
+    ]
 
 
 def _save(figure, out: Path, name: str, keep: dict | None = None) -> Path:
@@ -34,6 +52,17 @@ def _save(figure, out: Path, name: str, keep: dict | None = None) -> Path:
     else:
         keep[name] = figure
     return out / f"{name}.png"
+
+
+MAX_LEGEND_INSIDE = 8  # series; a longer legend goes beside the axes, where it hides no curve
+
+
+def _legend(figure, axis, series: int) -> None:
+    if series <= MAX_LEGEND_INSIDE:
+        axis.legend(fontsize=7)
+        return
+    figure.set_size_inches(10, 4.5)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _number(value: float) -> str:
@@ -64,12 +93,12 @@ def learning_curves(
     learner, and the task's reference levels (analysis.references.TaskLevels)."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     values = []
-    for curve in curves:
+    for curve, style in zip(curves, series_styles(len(curves))):
         x = curve["steps"] if against == "steps" else curve["cumulative_flops"]
         biased = ", biased" if curve.get("biased", curve["stage"] == "selection") else ""
         label = f"{curve['learner_name']} {curve['shape']} (n={curve['seeds']}{biased})"
-        (line,) = axis.plot(x, curve["mean"], label=label)
-        axis.fill_between(x, curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
+        axis.plot(x, curve["mean"], label=label, color=style["color"], linestyle=style["linestyle"])
+        axis.fill_between(x, curve["low"], curve["high"], color=style["color"], alpha=0.2)
         values += list(curve["mean"])
     values += _reference_lines(axis, levels)
     axis.set_xlabel("steps" if against == "steps" else "cumulative compute (FLOPs)")
@@ -78,7 +107,7 @@ def learning_curves(
     _log_if_wide(axis, values, "y")
     axis.set_ylabel("msre_window (squared return error)")
     axis.set_title(f"{task}: learning curves\n(mean over seeds, 95% Student t band)", fontsize=10)
-    axis.legend(fontsize=7)
+    _legend(figure, axis, len(curves))
     axis.grid(alpha=0.3)
     return _save(figure, out, f"curves_{against}_{task}", keep)
 
@@ -91,9 +120,9 @@ def sensitivity(rows: list[dict], out: Path, task: str, levels=None, keep: dict 
     for row in rows:
         lines[(row["learner_name"], row["shape"])].append((row["step_size"], row["mean"]))
     values = []
-    for (name, shape), points in sorted(lines.items()):
+    for ((name, shape), points), style in zip(sorted(lines.items()), series_styles(len(lines))):
         finite = [(x, y) for x, y in sorted(points) if y != float("inf")]
-        axis.plot([x for x, _ in finite], [y for _, y in finite], marker="o", label=f"{name} {shape}")
+        axis.plot([x for x, _ in finite], [y for _, y in finite], label=f"{name} {shape}", **style)
         values += [y for _, y in finite]
     values += _reference_lines(axis, levels)
     axis.set_xscale("log")
@@ -103,7 +132,7 @@ def sensitivity(rows: list[dict], out: Path, task: str, levels=None, keep: dict 
     axis.set_title(
         f"{task}: step-size sensitivity\n(selection seeds; settings with a diverged seed omitted)", fontsize=10
     )
-    axis.legend(fontsize=7)
+    _legend(figure, axis, len(lines))
     axis.grid(alpha=0.3)
     return _save(figure, out, f"sensitivity_{task}", keep)
 
@@ -116,7 +145,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
     for point in points:
         families[point["learner_name"]].append(point)
     values = []
-    for name, members in sorted(families.items()):
+    for (name, members), style in zip(sorted(families.items()), series_styles(len(families))):
         x = [p["flops_per_step"] for p in members]
         y = [p["error"].mean for p in members]
         errors = [
@@ -124,7 +153,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
             [p["error"].high - p["error"].mean for p in members],
         ]
         shapes = ", ".join(p["shape"] for p in members)
-        axis.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=f"{name} {shapes}")
+        axis.errorbar(x, y, yerr=errors, capsize=3, label=f"{name} {shapes}", **style)
         for index, p in enumerate(members):  # alternate above / below: neighbouring shapes stay legible
             axis.annotate(p["shape"], (p["flops_per_step"], p["error"].mean), textcoords="offset points",
                           xytext=(4, 5 if index % 2 == 0 else -11), fontsize=7)
@@ -135,7 +164,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
     axis.set_xlabel("compute per step (FLOPs, log scale)")
     axis.set_ylabel(ERROR_LABEL)
     axis.set_title(f"{task}: compute frontier\n(best error per FLOPs per step, 95% t CI over seeds)", fontsize=10)
-    axis.legend(fontsize=7)
+    _legend(figure, axis, len(families))
     axis.grid(alpha=0.3)
     return _save(figure, out, f"frontier_{task}", keep)
 
@@ -148,7 +177,7 @@ def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = Non
     for row in rows:
         lines[(row["learner_name"], row["shape"])].append(row)
     values = []
-    for (name, shape), members in sorted(lines.items()):
+    for ((name, shape), members), style in zip(sorted(lines.items()), series_styles(len(lines))):
         members = [m for m in members if m["error"].n]
         biased = ", biased" if any(m["biased"] for m in members) else ""
         seeds = min((m["seeds"] for m in members), default=0)
@@ -157,8 +186,8 @@ def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = Non
             [m["error"].high - m["error"].mean for m in members],
         ]
         axis.errorbar(
-            [m["x"] for m in members], [m["error"].mean for m in members], yerr=errors, marker="o", capsize=3,
-            label=f"{name} {shape} (n>={seeds}{biased})",
+            [m["x"] for m in members], [m["error"].mean for m in members], yerr=errors, capsize=3,
+            label=f"{name} {shape} (n>={seeds}{biased})", **style,
         )
         values += [m["error"].mean for m in members]
     x_of_task = sorted({(r["x"], r["task"]) for r in rows})
@@ -175,6 +204,6 @@ def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = Non
     axis.set_title(
         f"final error against {parameter}\n(each learner's winner per task, 95% t CI over seeds)", fontsize=10
     )
-    axis.legend(fontsize=7)
+    _legend(figure, axis, len(lines))
     axis.grid(alpha=0.3)
     return _save(figure, out, f"along_{parameter}", keep)

@@ -121,3 +121,45 @@ def test_the_report_ends_with_a_verdict_written_from_the_numbers(demo):
     assert f"lowest error overall: {best['learner_name']} {best['shape']}" in demo.verdict
     assert "predict-mean level" in demo.verdict
     assert "Reference levels, " in text and "predict the mean return = " in text
+
+
+def test_fourteen_learners_get_fourteen_different_looks_in_every_figure(tmp_path):
+    """The comparison's 14 learners: matplotlib's default cycle repeats its 10 colours, so two learners
+    looked the same in a legend; every series of a figure now differs in colour or line style."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from analysis import plots
+    from analysis.stats import Interval
+
+    learners = [(f"learner-{i}", f"{i}:1") for i in range(14)]
+    steps = np.array([1_000, 2_000, 3_000])
+    curves = [
+        {"learner_name": name, "shape": shape, "seeds": 3, "stage": "evaluation", "steps": steps,
+         "cumulative_flops": steps * (i + 1), "mean": np.full(3, 0.01 + i * 1e-4), "low": np.full(3, 0.009),
+         "high": np.full(3, 0.012)}
+        for i, (name, shape) in enumerate(learners)
+    ]
+    points = [{"learner_name": name, "shape": shape, "flops_per_step": 1_000 * (i + 1),
+               "error": Interval(mean=0.01, low=0.009, high=0.011, n=3, paired=False)}
+              for i, (name, shape) in enumerate(learners)]
+    rows = [{"learner_name": name, "shape": shape, "step_size": alpha, "mean": 0.01}
+            for name, shape in learners for alpha in (1e-3, 1e-4)]
+    kept: dict = {}
+    plots.learning_curves(curves, tmp_path, "task", "steps", None, kept)
+    plots.sensitivity(rows, tmp_path, "task", None, kept)
+    plots.frontier(points, tmp_path, "task", None, kept)
+    try:
+        for name, figure in kept.items():
+            [axis] = figure.axes
+            handles, labels = axis.get_legend_handles_labels()
+            looks = []
+            for handle in handles:
+                line = handle.lines[0] if hasattr(handle, "lines") else handle  # errorbar containers
+                looks.append((to_hex(line.get_color()), line.get_linestyle()))
+            assert len(labels) == 14, name
+            assert len(set(looks)) == 14, f"{name}: repeated looks {looks}"
+    finally:
+        for figure in kept.values():
+            plt.close(figure)
+    assert len({(s["color"], s["linestyle"]) for s in plots.series_styles(40)}) == 40
