@@ -93,7 +93,7 @@ def learning_curves(
     learner, and the task's reference levels (analysis.references.TaskLevels)."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
     values = []
-    for curve, style in zip(curves, series_styles(len(curves))):
+    for curve, style in zip(curves, series_styles(len(curves)), strict=True):
         x = curve["steps"] if against == "steps" else curve["cumulative_flops"]
         biased = ", biased" if curve.get("biased", curve["stage"] == "selection") else ""
         label = f"{curve['learner_name']} {curve['shape']} (n={curve['seeds']}{biased})"
@@ -120,7 +120,7 @@ def sensitivity(rows: list[dict], out: Path, task: str, levels=None, keep: dict 
     for row in rows:
         lines[(row["learner_name"], row["shape"])].append((row["step_size"], row["mean"]))
     values = []
-    for ((name, shape), points), style in zip(sorted(lines.items()), series_styles(len(lines))):
+    for ((name, shape), points), style in zip(sorted(lines.items()), series_styles(len(lines)), strict=True):
         finite = [(x, y) for x, y in sorted(points) if y != float("inf")]
         axis.plot([x for x, _ in finite], [y for _, y in finite], label=f"{name} {shape}", **style)
         values += [y for _, y in finite]
@@ -145,7 +145,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
     for point in points:
         families[point["learner_name"]].append(point)
     values = []
-    for (name, members), style in zip(sorted(families.items()), series_styles(len(families))):
+    for (name, members), style in zip(sorted(families.items()), series_styles(len(families)), strict=True):
         x = [p["flops_per_step"] for p in members]
         y = [p["error"].mean for p in members]
         errors = [
@@ -177,7 +177,7 @@ def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = Non
     for row in rows:
         lines[(row["learner_name"], row["shape"])].append(row)
     values = []
-    for ((name, shape), members), style in zip(sorted(lines.items()), series_styles(len(lines))):
+    for ((name, shape), members), style in zip(sorted(lines.items()), series_styles(len(lines)), strict=True):
         members = [m for m in members if m["error"].n]
         biased = ", biased" if any(m["biased"] for m in members) else ""
         seeds = min((m["seeds"] for m in members), default=0)
