@@ -47,6 +47,16 @@ class Carry(NamedTuple):
     reducer: Any  # the reducer's state (None without a reducer)
 
 
+def _from_array(stream_state, step_t):
+    """next_step of an array chunk: the scanned StreamStep itself."""
+    return stream_state, step_t
+
+
+def _from_stream(stream: DeviceStream):
+    """next_step of a device stream: generate the step inside the scan (its xs are unused)."""
+    return lambda stream_state, _: stream.step(stream_state)
+
+
 def _scan_body(learner, cfg, hyper, next_step, reducer: Reducer | None):
     """The scan body; `next_step(stream_state, xs_t) -> (stream_state, StreamStep)` yields each step."""
 
@@ -65,8 +75,7 @@ def _scan_body(learner, cfg, hyper, next_step, reducer: Reducer | None):
 
 def scan_arrays(learner, cfg, hyper, carry: Carry, steps: StreamStep, reducer: Reducer | None = None):
     """One run over an array chunk `steps` ([T, ...] leaves). Returns (carry, predictions [T] or None)."""
-    next_step = lambda stream_state, step_t: (stream_state, step_t)  # noqa: E731
-    body = _scan_body(learner, cfg, hyper, next_step, reducer)
+    body = _scan_body(learner, cfg, hyper, _from_array, reducer)
     return lax.scan(body, carry, steps)
 
 
@@ -77,8 +86,7 @@ def scan_stream(
 
     Returns (carry, predictions [n_steps] or None).
     """
-    next_step = lambda stream_state, _: stream.step(stream_state)  # noqa: E731
-    body = _scan_body(learner, cfg, hyper, next_step, reducer)
+    body = _scan_body(learner, cfg, hyper, _from_stream(stream), reducer)
     return lax.scan(body, carry, None, length=n_steps)
 
 
@@ -209,12 +217,12 @@ class BatchRunner:
 
         if stream is not None:
             def one(hyper, carry):
-                return flat(hyper, carry, lambda stream_state, _: stream.step(stream_state), None)
+                return flat(hyper, carry, _from_stream(stream), None)
 
             program = jax.vmap(one, in_axes=(0, self._axes), out_axes=(self._axes, 1))
         else:
             def one(hyper, carry, steps):  # steps: [log_points * chunk_steps, ...]
-                return flat(hyper, carry, lambda stream_state, step_t: (stream_state, step_t), steps)
+                return flat(hyper, carry, _from_array, steps)
 
             program = jax.vmap(one, in_axes=(0, self._axes, None), out_axes=(self._axes, 1))
         self._logged[log_points] = jax.jit(program, donate_argnums=self._donate_argnums)
