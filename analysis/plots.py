@@ -45,8 +45,9 @@ def series_styles(count: int) -> list[dict]:
 
 def _save(figure, out: Path, name: str, keep: dict | None = None) -> Path:
     figure.tight_layout()
-    for suffix in ("png", "svg"):
-        figure.savefig(out / f"{name}.{suffix}", dpi=120)
+    figure.savefig(out / f"{name}.png", dpi=120)
+    with matplotlib.rc_context({"svg.hashsalt": name}):  # fixed element ids and no date: a redrawn figure
+        figure.savefig(out / f"{name}.svg", dpi=120, metadata={"Date": None})  # is the same file
     if keep is None:
         plt.close(figure)
     else:
@@ -144,7 +145,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
     families = defaultdict(list)
     for point in points:
         families[point["learner_name"]].append(point)
-    values = []
+    values, labels = [], []
     for (name, members), style in zip(sorted(families.items()), series_styles(len(families)), strict=True):
         x = [p["flops_per_step"] for p in members]
         y = [p["error"].mean for p in members]
@@ -154,9 +155,7 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
         ]
         shapes = ", ".join(p["shape"] for p in members)
         axis.errorbar(x, y, yerr=errors, capsize=3, label=f"{name} {shapes}", **style)
-        for index, p in enumerate(members):  # alternate above / below: neighbouring shapes stay legible
-            axis.annotate(p["shape"], (p["flops_per_step"], p["error"].mean), textcoords="offset points",
-                          xytext=(4, 5 if index % 2 == 0 else -11), fontsize=7)
+        labels += [(p["shape"], p["flops_per_step"], p["error"].mean, style["color"]) for p in members]
         values += y
     values += _reference_lines(axis, levels)
     axis.set_xscale("log")
@@ -166,7 +165,32 @@ def frontier(points: list[dict], out: Path, task: str, levels=None, keep: dict |
     axis.set_title(f"{task}: compute frontier\n(best error per FLOPs per step, 95% t CI over seeds)", fontsize=10)
     _legend(figure, axis, len(families))
     axis.grid(alpha=0.3)
+    figure.tight_layout()  # the final layout first: the labels are placed in display coordinates
+    place_labels(figure, axis, labels)
     return _save(figure, out, f"frontier_{task}", keep)
+
+
+# Offsets (points) tried in turn for a point's label: right-above, right-below, further out, then left.
+LABEL_OFFSETS = ((4, 5), (4, -11), (4, 15), (4, -21), (-24, 5), (-24, -11), (4, 25), (4, -31), (-24, 15), (-24, -21))
+
+
+def place_labels(figure, axis, labels: list[tuple[str, float, float, str]]) -> list:
+    """Annotate each (text, x, y, colour) at the first offset of LABEL_OFFSETS whose text overlaps no
+    label placed before it (two learners of one shape at almost the same point got one smudge, "2727");
+    the label takes its series' colour. Returns the annotations."""
+    renderer = figure.canvas.get_renderer()
+    placed, boxes = [], []
+    for text, x, y, color in labels:
+        for offset in LABEL_OFFSETS:
+            annotation = axis.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
+                                       color=color)
+            box = annotation.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in boxes) or offset == LABEL_OFFSETS[-1]:
+                break
+            annotation.remove()
+        placed.append(annotation)
+        boxes.append(box)
+    return placed
 
 
 def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = None, keep: dict | None = None) -> Path:

@@ -163,3 +163,47 @@ def test_fourteen_learners_get_fourteen_different_looks_in_every_figure(tmp_path
         for figure in kept.values():
             plt.close(figure)
     assert len({(s["color"], s["linestyle"]) for s in plots.series_styles(40)}) == 40
+
+
+def test_frontier_labels_of_points_at_the_same_place_do_not_overlap_and_a_redraw_is_the_same_file(tmp_path):
+    """comparison-5m: online LRU 27 and RTU linear 27 sat at almost the same FLOPs and error, and their
+    shape labels were drawn on top of each other ("2727"). Each label now takes the first offset where it
+    overlaps no earlier label, in its series' colour."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from analysis import plots
+    from analysis.stats import Interval
+
+    def point(name, shape, flops, error):
+        return {"learner_name": name, "shape": shape, "flops_per_step": flops,
+                "error": Interval(mean=error, low=error * 0.9, high=error * 1.1, n=3, paired=False)}
+
+    points = [point("lru", "27", 20_000, 0.0110), point("rtu-linear", "27", 20_100, 0.0111),
+              point("snap1", "8", 20_050, 0.0110), point("ccn", "20:4:1M", 18_488, 0.004),
+              point("tbptt", "8:5", 19_000, 0.007), point("tbptt", "30:2", 21_000, 0.0075),
+              point("uoro", "40", 2_000, 0.017), point("columnar", "50:50", 200_000, 0.009)]
+    kept: dict = {}
+    plots.frontier(points, tmp_path, "task", None, kept)
+    figure = kept["frontier_task"]
+    (tmp_path / "again").mkdir()
+    plots.frontier(points, tmp_path / "again", "task")  # a redrawn figure is the same file (no date, fixed ids)
+    for suffix in ("svg", "png"):
+        name = f"frontier_task.{suffix}"
+        assert (tmp_path / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    try:
+        [axis] = figure.axes
+        renderer = figure.canvas.get_renderer()
+        texts = [text for text in axis.texts if text.get_text() in {"27", "8", "20:4:1M", "8:5", "30:2", "40", "50:50"}]
+        assert sorted(text.get_text() for text in texts) == ["20:4:1M", "27", "27", "30:2", "40", "50:50", "8", "8:5"]
+        boxes = [text.get_window_extent(renderer) for text in texts]
+        overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes))
+                       for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+        assert not overlapping, f"overlapping frontier labels: {overlapping}"
+        handles, legend = axis.get_legend_handles_labels()
+        colour_of = {label.split()[0]: to_hex(handle.lines[0].get_color()) for handle, label in zip(handles, legend,
+                                                                                                      strict=True)}
+        lru, rtu = (next(t for t in texts if t.get_text() == "27" and t.xy[0] == x) for x in (20_000, 20_100))
+        assert to_hex(lru.get_color()) == colour_of["lru"] and to_hex(rtu.get_color()) == colour_of["rtu-linear"]
+    finally:
+        plt.close(figure)
