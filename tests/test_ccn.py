@@ -61,7 +61,7 @@ def test_column_rtrl_traces_equal_bptt_jacobian_float64(x64):
     cfg = ccn.Config(n_inputs=d, total_columns=n, columns_per_stage=n, steps_per_stage=None, dtype="float64")
     hyper = ccn.Hyper(step_size=0.0, lam=0.9, normalization_rate=0.95, std_cap=0.01)
     state = with_large_weights(ccn.init(cfg, hyper, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
-    weights0 = state.weights
+    weights0 = ccn.unpadded(cfg, state.weights)  # the reference knows no padding slots
     rng = np.random.default_rng(0)
     observations = rng.normal(size=(steps, d)) + 0.5
     final, _, _ = run_steps(cfg, hyper, state, observations, np.zeros(steps), np.full(steps, 0.9))
@@ -77,11 +77,13 @@ def test_column_rtrl_traces_equal_bptt_jacobian_float64(x64):
 
     h_ref, c_ref = unrolled(weights0)
     np.testing.assert_allclose(final.h, h_ref, rtol=1e-12, atol=1e-14)
-    jac_h, jac_c = jax.jacrev(unrolled)(weights0)  # [n, n, 4, P]
+    jac_h, jac_c = jax.jacrev(unrolled)(weights0)  # [n, n, 4, d + 2]
     columns = np.arange(n)
-    np.testing.assert_allclose(final.learning.trace_h, jac_h[columns, columns], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(final.learning.trace_c, jac_c[columns, columns], rtol=1e-10, atol=1e-12)
-    assert np.abs(final.learning.trace_h).max() > 1e-2  # the check is not vacuous
+    trace_h, trace_c = ccn.unpadded(cfg, final.learning.trace_h), ccn.unpadded(cfg, final.learning.trace_c)
+    np.testing.assert_allclose(trace_h, jac_h[columns, columns], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(trace_c, jac_c[columns, columns], rtol=1e-10, atol=1e-12)
+    assert np.abs(trace_h).max() > 1e-2  # the check is not vacuous
+    assert cfg.packed == 8 and np.count_nonzero(final.learning.trace_h) == np.count_nonzero(trace_h)  # padding: 0
     off_diagonal = ~np.eye(n, dtype=bool)
     assert np.all(np.asarray(jac_h)[off_diagonal] == 0.0)
 
@@ -102,8 +104,8 @@ def test_ccn_third_stage_traces_equal_bptt_from_stage_start_float64(x64):
     before = states[stage_start - 1]  # the state when stage 2 starts learning: held constant
     final = states[-1]
     lower = np.arange(4)
-    weights_before = np.asarray(ccn.column_weights(cfg, before))
-    frozen_mean, frozen_var = (np.asarray(a) for a in ccn.column_input_stats(cfg, before))
+    weights_before = np.asarray(ccn.unpadded(cfg, ccn.column_weights(cfg, before)))  # [n, 4, d + 4 + 2]
+    frozen_mean, frozen_var = (np.asarray(ccn.unpadded(cfg, a)) for a in ccn.column_input_stats(cfg, before))
 
     # Independent forward of the whole network from the stage start: lower columns read the
     # raw inputs and the one-step-delayed hidden states of the columns of earlier stages,
@@ -132,10 +134,12 @@ def test_ccn_third_stage_traces_equal_bptt_from_stage_start_float64(x64):
     h2_ref, c2_ref = unrolled(w2)
     np.testing.assert_allclose(final.h[4:], h2_ref, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(final.h[:4], h, rtol=1e-12, atol=1e-14)  # lower stages, independently
-    jac_h, jac_c = jax.jacrev(unrolled)(w2)  # [2, 2, 4, P]
-    np.testing.assert_allclose(final.learning.trace_h, jac_h[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(final.learning.trace_c, jac_c[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
-    assert np.abs(final.learning.trace_h).max() > 1e-2
+    jac_h, jac_c = jax.jacrev(unrolled)(w2)  # [2, 2, 4, d + 4 + 2]
+    trace_h, trace_c = ccn.unpadded(cfg, final.learning.trace_h), ccn.unpadded(cfg, final.learning.trace_c)
+    np.testing.assert_allclose(trace_h, jac_h[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(trace_c, jac_c[[0, 1], [0, 1]], rtol=1e-10, atol=1e-12)
+    assert np.abs(trace_h).max() > 1e-2
+    assert cfg.packed == 16 and np.count_nonzero(final.learning.trace_h) == np.count_nonzero(trace_h)  # padding: 0
     assert np.all(np.asarray(jac_h)[[0, 1], [1, 0]] == 0.0)  # no connections within a stage
 
 
@@ -236,14 +240,16 @@ def test_hand_computed_td_lambda_rmsprop_three_steps_one_column(x64):
     cumulants, gammas = np.array([1.0, 0.0, 0.5]), np.array([0.9, 0.9, 0.9])
     final, _, predictions = run_steps(cfg, hyper, state, observations, cumulants, gammas)
     expected, theta, w, b = numpy_single_column_td(
-        np.asarray(state.weights[0]), observations, cumulants, gammas, 0.1, 0.8, 0.9, 0.01
+        np.asarray(ccn.unpadded(cfg, state.weights[0])), observations, cumulants, gammas, 0.1, 0.8, 0.9, 0.01
     )
     np.testing.assert_allclose(predictions, expected, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(ccn.column_weights(cfg, final)[0], theta, rtol=1e-12, atol=1e-15)
+    learned = ccn.column_weights(cfg, final)[0]
+    np.testing.assert_allclose(ccn.unpadded(cfg, learned), theta, rtol=1e-12, atol=1e-15)
+    assert np.count_nonzero(learned) == np.count_nonzero(theta)  # the padding slots stayed 0
     np.testing.assert_allclose(final.head_w[0], w, rtol=1e-12)
     np.testing.assert_allclose(final.head_b, b, rtol=1e-12)
     assert np.all(predictions[1:] != 0.0)  # learning happened, so the comparison means something
-    assert not np.allclose(theta, state.weights[0])  # the column itself learned
+    assert not np.allclose(theta, ccn.unpadded(cfg, state.weights[0]))  # the column itself learned
 
 
 def test_config_validation_and_shapes():
@@ -303,15 +309,17 @@ def test_stale_full_rows_of_the_learning_stage_do_not_matter():
 
 
 # --------------------------------------------------------------------------- bitwise pin (issue 15 item 6)
-# A sweep's CCN results are keyed to the numerics of 2321b91: hot-loop work must not change a bit.
-# sha256 of the float32 predictions and every state leaf of a vmapped batch of 8 runs over 2,000
-# steps that cross stage starts, as learners/ccn.py at 2321b91 computes them (XLA CPU of jax 0.10.2
-# on x86-64 with AVX2). Another XLA build or CPU may round differently: on a digest mismatch the test
-# runs 2321b91's learners/ccn.py itself (from git) and requires bitwise equality with it instead.
-PINNED_REV = "2321b91"
+# A sweep's CCN results are keyed to the learner's REVISION: hot-loop work must not change a bit
+# without bumping it. sha256 of the float32 predictions and every state leaf of a vmapped batch of 8
+# runs over 2,000 steps that cross stage starts, as learners/ccn.py computes them at REVISION 1 (P
+# padded to a multiple of 8; commit PINNED_REV) on XLA CPU of jax 0.10.2, x86-64 with AVX2. Another
+# XLA build or CPU may round differently: on a digest mismatch the test runs PINNED_REV's
+# learners/ccn.py itself (from git) and requires bitwise equality with it instead.
+# (Unpadded, before REVISION 1: 8648c7e1... and c8058d62... for the same two runs, pinned to 2321b91.)
+PINNED_REV = "1fcb4a6"
 PINNED = {
-    (3, 6, 2, 500): "8648c7e1ffe4912e7ee8b135d794b970461ed205112ada29a94fd23a71596c3e",
-    (12, 20, 4, 600): "c8058d624e12a19e862bae8291ca26cd5eba5650a2c21c215078d16a7f823a22",
+    (3, 6, 2, 500): "0f3496ad00e7b8bf0adfae427337b1cfb11b2015b11673f9628e516b10a6538a",
+    (12, 20, 4, 600): "083991a6356722b8e64c1d9ec7e60aece9f4023496271f62a9b4f483b021672e",
 }
 
 
@@ -360,7 +368,7 @@ def _module_at(rev: str):
 
 @pytest.mark.parametrize("shape", list(PINNED))
 def test_bitwise_equal_to_pinned_revision(shape):
-    """Predictions and every state leaf are bitwise those of learners/ccn.py at 2321b91: the digest
+    """Predictions and every state leaf are bitwise those of learners/ccn.py at PINNED_REV: the digest
     recorded from it, or (another XLA build or CPU) that revision itself run here from git."""
     predictions, state = _pinned_run(ccn, shape)
     cfg = ccn.Config(*shape)
@@ -382,7 +390,7 @@ def test_bitwise_equal_to_pinned_revision(shape):
 
 
 def test_the_pinned_revision_fallback_runs_the_old_code(monkeypatch):
-    """The digest-mismatch path (another XLA build or CPU) runs: 2321b91's module from git, leaf by leaf."""
+    """The digest-mismatch path (another XLA build or CPU) runs: PINNED_REV's module from git, leaf by leaf."""
     shape = next(iter(PINNED))
     monkeypatch.setitem(PINNED, shape, "0" * 64)  # as if this machine rounded differently
     test_bitwise_equal_to_pinned_revision(shape)

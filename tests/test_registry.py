@@ -111,22 +111,31 @@ def test_run_keys_of_existing_learners_did_not_change(tmp_path, monkeypatch):
 
 
 def test_a_learner_revision_renews_only_that_learners_run_keys(tmp_path, monkeypatch):
-    """T-BPTT's REVISION (2: the recompute fix) is in its runs' keys; the CCN, without one, keeps its keys."""
+    """A learner's REVISION is in its runs' keys and renews only them: T-BPTT's (2: the recompute fix)
+    and the CCN's (1: P padded to a multiple of 8) renew every pinned key; with the CCN's revision taken
+    away, its runs (ccn and columnar) get their pinned keys back while T-BPTT's stay renewed."""
     import orchestrator.runs
-    from learners import tbptt
+    from learners import ccn, tbptt
 
     monkeypatch.setattr(orchestrator.runs, "package_version", lambda: "0.0.0-pinned")
-    assert tbptt.REVISION == 2
-    sweep = load_spec(write(tmp_path, PINNED_SPEC))
-    keys = {(r.learner_name, r.task.name, r.config, r.hyper, r.seed): r.run_key for r in sweep.runs}
+    assert (tbptt.REVISION, ccn.REVISION) == (2, 1)
+
+    def keys_and_kinds():
+        sweep = load_spec(write(tmp_path, PINNED_SPEC))
+        keys = {(r.learner_name, r.task.name, r.config, r.hyper, r.seed): r.run_key for r in sweep.runs}
+        return keys, {r.learner_name: r.learner for r in sweep.runs}, sweep
+
+    keys, kind_of, sweep = keys_and_kinds()
+    assert {kind_of[identity[0]] for identity in PINNED_KEYS} == {"ccn", "tbptt"}
+    assert all(keys[identity] != key for identity, key in PINNED_KEYS.items())
+    assert next(r for r in sweep.runs if r.learner == "tbptt").canonical()["learner"]["revision"] == 2
+    assert next(r for r in sweep.runs if r.learner == "ccn").canonical()["learner"]["revision"] == 1
+
+    revision = orchestrator.runs.learner_revision
+    monkeypatch.setattr(orchestrator.runs, "learner_revision", lambda kind: None if kind == "ccn" else revision(kind))
+    keys, kind_of, _ = keys_and_kinds()
     for identity, key in PINNED_KEYS.items():
-        if identity[0] == "tbptt":
-            assert keys[identity] != key, identity
-        else:
-            assert keys[identity] == key, identity
-    run = next(r for r in sweep.runs if r.learner == "tbptt")
-    assert run.canonical()["learner"]["revision"] == 2
-    assert "revision" not in next(r for r in sweep.runs if r.learner == "ccn").canonical()["learner"]
+        assert (keys[identity] == key) == (kind_of[identity[0]] == "ccn"), identity
 
 
 def test_the_builtin_learners_say_their_own_facts():
