@@ -47,8 +47,8 @@ INIT_RANGE = 0.01  # every column parameter starts U(-0.01, 0.01)
 # CCN 20:4 (P 30 -> 32): 1.21x learner-steps per CPU-second (docs/benchmarks.md).
 PACK_WIDTH = 8
 # Bumped whenever this learner's results change (it is part of every run's key). 1: P padded to
-# PACK_WIDTH; the forward dot's summation order then changes for some shapes (7:7, 12:4: 1e-9 after
-# ~200 steps), though not for 20:4 or 10:1 at d = 12 (bitwise equal to the unpadded code).
+# PACK_WIDTH; XLA then sums the forward dot in another order for some widths (7:7, 12:4: 1e-9 after
+# ~200 steps; 20:4 at d = 12 stays bitwise equal for 2,000 steps, yet not over 5M: docs/results.md).
 REVISION = 1
 
 
