@@ -359,12 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccn: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            # The interrupt is handled: a second SIGINT or SIGTERM (Ctrl-C sent to the whole process
-            # group reaches Ray's processes too, and Ray may pass it on) must not cut the exit short in
-            # Ray's atexit shutdown, which left the process killed by SIGINT instead of exiting 130.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nccn: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
         return EXIT_INTERRUPTED
 
