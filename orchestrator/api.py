@@ -202,7 +202,7 @@ def run_sweep(
 
     results = results_for_cluster(results, address)
 
-    from orchestrator import schedule, tracking
+    from orchestrator import interrupts, schedule, tracking
     from orchestrator.execute import default_compilation_cache_dir
     from orchestrator.lease import Lease, LeaseLost
     from orchestrator.progress import Progress
@@ -222,11 +222,13 @@ def run_sweep(
         schedule.check_address(address)
     started = time.perf_counter()
     store = ResultsStore(results, sweep.name)
-    lease = Lease(store, expiry=lease_expiry, retry_hint=_takeover_hint(sweep, results, stage)).acquire(takeover)
-    lease.keep_alive(interrupt_main=threading.current_thread() is threading.main_thread())
+    lease = Lease(store, expiry=lease_expiry, retry_hint=_takeover_hint(sweep, results, stage))
     try:  # holding the sweep's lease: no other driver cleans up or writes this sweep now
+        lease.acquire(takeover)  # inside the try: a Ctrl-C right after it wrote the lease still releases it
+        lease.keep_alive(interrupt_main=threading.current_thread() is threading.main_thread())
         store.remove_orphans()
         preview = _read_plan(sweep, results, store, batch_size)  # the results are read here only
+        interrupts.check()
         outcome = schedule.SweepOutcome()
         if preview.todo:
             import ray
@@ -298,7 +300,7 @@ def run_sweep(
             raise LeaseLost(lease.lost) from None
         raise
     finally:
-        lease.release()
+        interrupts.shielded(lease.release)  # a Ctrl-C landing in the release does not leave the lease behind
     if lease.lost:
         raise LeaseLost(lease.lost)
     return report

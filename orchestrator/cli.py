@@ -22,11 +22,10 @@ compute; 130 interrupted (Ctrl-C or SIGTERM: rerun the same command to finish wh
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
-from orchestrator import api
+from orchestrator import api, interrupts
 from orchestrator.spec import EVALUATION_SUFFIX, SpecError, is_safe_path_component
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -340,19 +339,12 @@ def _report(arguments) -> int:
     return EXIT_OK
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # `kill` (SIGTERM) stops a sweep as Ctrl-C does
-        signal.signal(signal.SIGTERM, _interrupt)
-        # and so does SIGINT, always: a process started in the background by a non-interactive shell
-        # (`ccn run ... &` in a script, `setsid ccn run ... &`) inherits SIGINT ignored, and Python then
-        # leaves it ignored, so Ctrl-C or `kill -INT` would not stop the sweep
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Ctrl-C, `kill -INT` and `kill` (SIGTERM) stop a sweep, once and cleanly, also when started in
+        # the background with SIGINT ignored (orchestrator.interrupts)
+        interrupts.install()
     try:
         return COMMANDS[arguments.command](arguments)
     except SpecError as error:

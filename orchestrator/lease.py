@@ -341,6 +341,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._written: Holder | None = None  # the holder last written by acquire, confirmed or not
 
     def current(self) -> Holder | None:
         """The lease's holder as stored now (None when there is no lease)."""
@@ -371,7 +372,7 @@ class Lease:
     def acquire(self, takeover: bool = False) -> Lease:
         """Create the lease exclusively (or replace a stale one with `takeover`); LeaseHeld otherwise."""
         for _ in range(3):  # a lease that vanishes between our create and read: try again
-            mine = self._new_holder()
+            mine = self._written = self._new_holder()
             try:
                 self.backend.create(mine.encode())
             except _Conflict:
@@ -472,21 +473,31 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours (never raises)."""
+        """Stop the heartbeat and delete the lease if it is still ours, also one that `acquire` wrote
+        but was stopped before confirming (never raises but KeyboardInterrupt; safe to repeat)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            if self.holder is None or self.lost:
+            if self.lost:
+                return
+            if self.holder is None and self._written is None:
                 return
             try:
-                self.backend.delete(self.version)
+                version = self.version
+                if self.holder is None:  # not confirmed: acquire stopped (Ctrl-C) after writing, or failed
+                    found = self.backend.read()
+                    if found is None or Holder.decode(found[0]) != self._written:
+                        self._written = None
+                        return
+                    version = found[1]
+                self.backend.delete(version)
             except Exception as error:  # noqa: BLE001 - the sweep's outcome matters more
                 from orchestrator.results import warn
 
                 warn(f"cannot delete the lease {self.where}: {' '.join(str(error).split())}; "
                      f"the next run may need --takeover once it is older than {self.expiry:.0f}s")
-            self.holder = None
+            self.holder = self._written = None
 
     def __enter__(self) -> Lease:
         return self

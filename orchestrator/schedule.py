@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
+
 from cluster.loopback import address_is_loopback, keep_loopback
+from orchestrator import interrupts
 from orchestrator.plan import GPU_MAX_BATCH, Batch
 from orchestrator.progress import Progress
 from orchestrator.results import ResultsStore
@@ -276,15 +279,40 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         return False
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    children_before = {child.pid for child in psutil.Process().children()}
     try:
-        return _connect(address, num_cpus)
+        started = _connect(address, num_cpus)
+        interrupts.check()  # a Ctrl-C that Python dropped while Ray started (orchestrator.interrupts)
+        return started
     except KeyboardInterrupt:
         if not address:  # the embedded Ray's processes started so far (an attached cluster is not ours)
             ray.shutdown()
+            stop_started_processes(children_before)
         raise
     finally:
         if callable(on_sigterm):
             signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_started_processes(children_before: Collection[int], grace: float = 2.0) -> None:
+    """Stop this process's children that are not in `children_before`, and their descendants.
+
+    A Ctrl-C inside `ray.init` can land before Ray records the node it is starting; `ray.shutdown`
+    then stops nothing, and the raylet's agents would outlive the driver by tens of seconds. Only
+    what this driver started is stopped: SIGTERM, then SIGKILL after `grace` seconds.
+    """
+    started = [child for child in psutil.Process().children() if child.pid not in children_before]
+    for child in list(started):
+        with contextlib.suppress(psutil.Error):
+            started += child.children(recursive=True)
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(started, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def _connect(address: str | None, num_cpus: int | None) -> bool:
@@ -625,6 +653,7 @@ def run_batches(
             else:  # every actor lost and none may start: the check above stops the sweep
                 ready = []
                 time.sleep(WAIT_SECONDS)
+            interrupts.check()  # also a Ctrl-C that Python dropped (orchestrator.interrupts)
             if progress:
                 progress.refresh()
             for ref in ready:

@@ -5,8 +5,9 @@ own (`setsid ccn run ... &`: SIGINT arrives ignored), is sent SIGINT (to its pro
 `kill -INT -- -PGID` or a terminal's Ctrl-C) once a batch has started. It must exit within
 seconds with code 130 and the one line saying so and how to resume, release the sweep's lease,
 leave no process of its session behind (its Ray stopped), and keep the results consistent; a
-second `ccn run` without --takeover then takes the lease, and a Ctrl-C while its Ray starts
-stops it just as cleanly.
+second `ccn run` without --takeover then takes the lease, and a Ctrl-C right after it took the
+lease stops it just as cleanly, as does one to a third while its Ray starts (its raylet is up,
+its agents are starting: `ray.shutdown` alone would leave them running).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def interrupt_and_check(driver: subprocess.Popen, lease: Path) -> None:
     assert session_processes(driver.pid) == {}, f"left behind {took:.1f}s after SIGINT"
 
 
-@pytest.mark.timeout(600)  # two `ccn run` with an embedded Ray; ~1 minute on a busy 2-core machine
+@pytest.mark.timeout(600)  # three `ccn run` with an embedded Ray; ~1.5 minutes on a busy 2-core machine
 def test_ctrl_c_stops_a_background_ccn_run_and_a_rerun_takes_the_lease(tmp_path):
     spec = tmp_path / "interrupt.toml"
     spec.write_text(textwrap.dedent(SPEC))
@@ -132,7 +133,15 @@ def test_ctrl_c_stops_a_background_ccn_run_and_a_rerun_takes_the_lease(tmp_path)
         second = background_ccn_run(spec, results, env)  # no --takeover: the lease must be free
         drivers.append(second)
         wait_for(lambda: lease_holder(lease) == second.pid, second, "lease taken by the second driver", seconds=60)
-        interrupt_and_check(second, lease)  # Ctrl-C while it starts its Ray
+        interrupt_and_check(second, lease)  # Ctrl-C right after it took the lease
+
+        third = background_ccn_run(spec, results, env)
+        drivers.append(third)
+        raylet_started = lambda: any("raylet" in cmd for cmd in session_processes(third.pid).values())  # noqa: E731
+        wait_for(raylet_started, third, "the third driver's raylet started", seconds=120)
+        interrupt_and_check(third, lease)  # Ctrl-C while it starts its Ray
+        status = api.sweep_status(spec, str(results))
+        assert status.failed == 0 and not status.duplicates and status.done + status.missing == status.total == 2
     finally:
         for driver in drivers:  # only what this test started: its drivers' sessions
             for pid in session_processes(driver.pid):

@@ -67,6 +67,32 @@ def test_the_lease_is_exclusive_and_released(tmp_path):
     Lease(store, expiry=30).acquire().release()
 
 
+def test_release_deletes_a_lease_that_a_ctrl_c_stopped_acquire_from_confirming(tmp_path, monkeypatch):
+    store = ResultsStore(str(tmp_path), "s")
+    lease_file = tmp_path / "s" / "_driver"
+    interrupted = Lease(store, expiry=30)
+
+    def ctrl_c(holder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted, "_held", ctrl_c)  # the Ctrl-C lands right after the lease was written
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.acquire()
+    assert lease_file.exists() and interrupted.holder is None
+    interrupted.release()
+    assert not lease_file.exists()
+    interrupted.release()  # safe to repeat
+
+    other = Lease(store, expiry=30).acquire()  # a failed acquire's release leaves the holder's lease alone
+    refused = Lease(store, expiry=30)
+    with pytest.raises(LeaseHeld):
+        refused.acquire()
+    refused.release()
+    assert json.loads(lease_file.read_text())["token"] == other.holder.token
+    other.release()
+    assert not lease_file.exists()
+
+
 def test_takeover_is_allowed_only_after_the_expiry(tmp_path):
     store = ResultsStore(str(tmp_path), "s")
     foreign_lease(store, heartbeat_age=0.5, expiry=2.0)
