@@ -204,6 +204,22 @@ def write_report(
         _markdown_table(paper_table, levels),
         "",
     ]
+    normalised = tables.across_tasks(table, levels)
+    if normalised:
+        lines += [
+            "## Across tasks: error relative to predicting the mean return",
+            "",
+            "Each task's final error divided by the task's predict-the-mean-return level (1 is a constant",
+            "prediction's error; tasks of different scales become comparable), averaged over the learner's tasks per",
+            "seed (seed s on every task is one replicate); 95% t interval over those seeds. `vs best`: paired by",
+            "seed against the learner with the lowest mean on the same tasks. `lowest error in`: the tasks where it",
+            "has the lowest mean final error of all learners; `below the level in`: tasks where its whole interval",
+            "is below the level.",
+            "Per-task columns: mean final error / predict-mean level.",
+            "",
+            _across_tasks_table(normalised),
+            "",
+        ]
     if along_rows:
         lines += [
             f"## Final error against `{along}`",
@@ -236,6 +252,30 @@ def write_report(
         verdict=the_verdict,
         figure_objects=kept or {},
     )
+
+
+def _across_tasks_table(rows: list[dict]) -> str:
+    """Markdown: one row per learner of tables.across_tasks, with its per-task ratios."""
+    tasks = sorted({task for row in rows for task in row["tasks"]})
+    lines = [
+        "| learner | shape | tasks | error / predict-mean [95% t CI] | vs best [paired t CI] | lowest error in | "
+        "below the level in | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (7 + len(tasks)),
+    ]
+    for row in rows:
+        versus = row["versus_best"]
+        cells = [
+            row["learner_name"] + (" (selection, biased)" if row["biased"] else ""),
+            row["shape"],
+            str(len(row["tasks"])),
+            row["normalised"].format(decimals=3) + f" (n={row['normalised'].n})",
+            versus.format(decimals=3, signed=True) if versus.n else ("best" if row["normalised"].n else "-"),
+            f"{len(row['lowest'])} of {len(row['tasks'])}",
+            f"{len(row['below'])} of {len(row['tasks'])}",
+            *(f"{row['ratios'][task]:.3f}" if task in row["ratios"] else "-" for task in tasks),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _along_table(rows: list[dict], parameter: str, levels: dict) -> str:

@@ -255,6 +255,61 @@ def along(results: Results, table: list[dict], parameter: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["learner_name"], r["shape"], r["x"]))
 
 
+def across_tasks(table: list[dict], levels: dict) -> list[dict]:
+    """Each learner's error in units of each task's predict-the-mean-return level, averaged over tasks:
+    one number across tasks of different scales (e.g. Atari games), where raw errors cannot be averaged.
+
+    A learner (learner_name, shape) gets a row when it has errors on at least two tasks whose level is
+    known. Per seed: the mean over the learner's tasks of final error / predict_mean (seed s's runs on
+    the different tasks form one replicate; seeds missing on some task are left out), and `normalised`
+    is the t-interval over those per-seed means: 1 is a constant prediction's error. Rows: learner_name,
+    shape, tasks (the task names), ratios (task -> mean error / predict_mean), normalised (Interval),
+    values (seed -> normalised), lowest (tasks where it has the lowest mean error of all rows), below
+    (tasks where its whole interval is below the level), biased (a task's numbers are selection-biased),
+    versus_best (paired by seed against the row with the lowest mean on the same tasks; EMPTY for it).
+    Sorted by the number of tasks (most first), then normalised mean.
+    """
+    known = {task for task, task_levels in levels.items() if task_levels is not None and task_levels.known
+             and task_levels.predict_mean and task_levels.predict_mean > 0}  # fmt: skip
+    scored = [row for row in table if row["task"] in known and row["error"].n]
+    lowest = {}
+    for row in scored:
+        if row["task"] not in lowest or row["error"].mean < lowest[row["task"]]:
+            lowest[row["task"]] = row["error"].mean
+    by_learner: dict[tuple, list[dict]] = defaultdict(list)
+    for row in scored:
+        by_learner[(row["learner_name"], row["shape"])].append(row)
+    out = []
+    for (name, shape), rows in by_learner.items():
+        if len(rows) < 2:
+            continue
+        level = {row["task"]: levels[row["task"]].predict_mean for row in rows}
+        seeds = set.intersection(*(set(row["values"]) for row in rows))
+        values = {seed: float(np.mean([row["values"][seed] / level[row["task"]] for row in rows]))
+                  for seed in sorted(seeds)}  # fmt: skip
+        out.append(
+            {
+                "learner_name": name,
+                "shape": shape,
+                "tasks": sorted(row["task"] for row in rows),
+                "ratios": {row["task"]: row["error"].mean / level[row["task"]] for row in rows},
+                "values": values,
+                "normalised": mean_interval(list(values.values())),
+                "lowest": sorted(row["task"] for row in rows if row["error"].mean == lowest[row["task"]]),
+                "below": sorted(row["task"] for row in rows
+                                if np.isfinite(row["error"].high) and row["error"].high < level[row["task"]]),
+                "biased": any(row.get("biased") for row in rows),
+            }  # fmt: skip
+        )
+    for row in out:
+        same = [other for other in out if other["tasks"] == row["tasks"] and other["normalised"].n]
+        best = min(same, key=lambda other: other["normalised"].mean, default=None)
+        row["versus_best"] = (
+            difference_interval(row["values"], best["values"]) if best is not None and best is not row else EMPTY
+        )
+    return sorted(out, key=lambda r: (-len(r["tasks"]), r["normalised"].mean if r["normalised"].n else math.inf))
+
+
 def frontier(table: list[dict]) -> list[dict]:
     """Best error against FLOPs per step, per task and learner family (learner_name): sorted points."""
     best: dict[tuple, dict] = {}

@@ -14,7 +14,7 @@ import pytest
 
 from analysis import comparison, difference_interval, format_table, frontier, load, select, write_report
 from analysis.references import TaskLevels
-from analysis.tables import table_decimals
+from analysis.tables import across_tasks, table_decimals
 from orchestrator.schema import to_table
 
 STEPS, LOG_EVERY = 1000, 250
@@ -208,6 +208,39 @@ def test_report_along_a_task_parameter_tabulates_and_plots_error_against_it(tmp_
     assert "| 0.975 |" in report.path.read_text()
     with pytest.raises(ValueError, match="task parameter 'iti_range' is not a number .* in: isi-20"):
         write_report(str(tmp_path), tmp_path / "out3", "isi", along="iti_range", levels=levels)
+
+
+def test_across_tasks_errors_are_in_units_of_each_tasks_predict_mean_level(tmp_path):
+    # two games ten times apart in scale: raw errors cannot be averaged, errors / predict-mean can
+    write_sweep(tmp_path, "games", range(3), noise=0.0, task="pong")
+    scale = {"columnar": 10, "tbptt": 3, "ccn": 10}  # on breakout T-BPTT does relatively better
+    breakout = {
+        name: (kind, shape, flops, ops, {alpha: scale[name] * error for alpha, error in errors.items()})
+        for name, (kind, shape, flops, ops, errors) in LEARNERS.items()
+    }
+    write_sweep(tmp_path, "games", range(3), noise=0.0, learners=breakout, task="breakout")
+    levels = {"pong": TaskLevels("pong", 0.6, 0.5), "breakout": TaskLevels("breakout", 6.0, 5.0)}
+    rows = across_tasks(comparison(load(str(tmp_path), "games")), levels)
+    by_name = {row["learner_name"]: row for row in rows}
+    assert [row["learner_name"] for row in rows] == ["ccn", "tbptt", "columnar"]
+    assert by_name["ccn"]["ratios"] == pytest.approx({"pong": 0.2, "breakout": 0.2})  # 0.1 / 0.5, 1.0 / 5
+    assert by_name["tbptt"]["normalised"].mean == pytest.approx((0.25 / 0.5 + 0.75 / 5) / 2)
+    assert by_name["tbptt"]["normalised"].n == 3 and by_name["tbptt"]["values"] == pytest.approx({0: 0.325, 1: 0.325,
+                                                                                                 2: 0.325})
+    assert by_name["columnar"]["versus_best"].mean == pytest.approx(0.4 - 0.2)
+    assert by_name["ccn"]["versus_best"].n == 0  # the best
+    assert by_name["ccn"]["lowest"] == ["pong"] and by_name["tbptt"]["lowest"] == ["breakout"]
+    assert by_name["ccn"]["below"] == ["breakout", "pong"]
+    text = write_report(str(tmp_path), tmp_path / "out", "games", levels=levels).path.read_text()
+    assert "## Across tasks: error relative to predicting the mean return" in text
+    row = ("| tbptt (selection, biased) | 2:4 | 2 | 0.325 [0.325, 0.325] (n=3) | +0.125 [+0.125, +0.125] | 1 of 2 | "
+           "2 of 2 | 0.150 | 0.500 |")
+    assert row in text  # the per-task columns in task order: breakout, pong
+    one_task = across_tasks(comparison(load(str(tmp_path), "games")), {"pong": levels["pong"]})
+    assert one_task == []  # one task with a known level: nothing to average
+    write_sweep(tmp_path, "one", range(3), noise=0.0)
+    single = write_report(str(tmp_path), tmp_path / "out1", "one", levels=levels)
+    assert "## Across tasks" not in single.path.read_text()
 
 
 def test_every_runs_column_has_exactly_one_role_and_config_is_made_of_the_setting_columns(tmp_path):
