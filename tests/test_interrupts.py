@@ -82,12 +82,6 @@ def test_shielded_reruns_an_interrupted_action_then_raises(installed):
     assert calls == [0, 1, 2]
 
 
-def test_without_install_check_does_nothing_and_sigint_keeps_pythons_default():
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    interrupts.check()
-    assert not interrupts.requested()
-
-
 def test_stop_started_processes_stops_what_was_started_since_and_its_descendants():
     sleeper = "import time; time.sleep(600)"
     tree = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(600)"
