@@ -1,11 +1,13 @@
 """Shared test fixtures."""
 
 import os
+import signal
 
 import jax
 import pytest
 
 from cluster.loopback import keep_loopback
+from orchestrator import interrupts
 
 # Every Ray this suite starts (embedded sweeps, ray.cluster_utils clusters, `ccn` subprocesses that
 # inherit this environment) registers and listens on 127.0.0.1 only: never on the network address.
@@ -23,3 +25,16 @@ def x64():
     """Run a test in 64-bit JAX (float64 exactness checks), restoring the mode afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def signal_handling_of_its_own():
+    """Each test leaves SIGINT/SIGTERM handling as it found it and no stop pending: an in-process
+    `cli.main` installs ccn's handlers (orchestrator.interrupts), and a stop it recorded (e.g. the
+    lease heartbeat's interrupt when a test makes the results unwritable) must not reach the next
+    test's sweep on the same worker."""
+    before = {signum: signal.getsignal(signum) for signum in interrupts.SIGNALS}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+    interrupts._requested.clear()

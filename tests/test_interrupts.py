@@ -23,14 +23,8 @@ from orchestrator.schedule import stop_started_processes
 
 @pytest.fixture
 def installed():
-    before = {signum: signal.getsignal(signum) for signum in interrupts.SIGNALS}
-    interrupts.install()
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-        interrupts._requested.clear()
+    interrupts.install()  # tests/conftest.py restores the handlers and clears the flag afterwards
+    yield
 
 
 def deliver(signum: int) -> None:
