@@ -231,3 +231,32 @@ def along(rows: list[dict], out: Path, parameter: str, levels: dict | None = Non
     _legend(figure, axis, len(lines))
     axis.grid(alpha=0.3)
     return _save(figure, out, f"along_{parameter}", keep)
+
+
+def across_tasks(rows: list[dict], out: Path, keep: dict | None = None) -> Path:
+    """Error / predict-mean level per learner (analysis.tables.across_tasks): one marker per task, and the
+    mean over tasks with its 95% t CI over seeds; the line at 1 is a constant prediction's error."""
+    tasks = sorted({task for row in rows for task in row["tasks"]})
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
+    styles = series_styles(len(tasks))
+    for index, row in enumerate(rows):
+        for offset, (task, style) in enumerate(zip(tasks, styles, strict=True)):
+            if task in row["ratios"]:
+                axis.plot(index + 0.5 * (offset / max(1, len(tasks) - 1) - 0.25), row["ratios"][task],
+                          linestyle="none", marker=style["marker"], color=style["color"], alpha=0.8,
+                          label=task if index == 0 else None)
+        interval = row["normalised"]
+        if interval.n:
+            low = interval.mean - interval.low if interval.n > 1 else 0.0
+            high = interval.high - interval.mean if interval.n > 1 else 0.0
+            axis.errorbar(index, interval.mean, yerr=[[low], [high]], fmt="_", markersize=18, capsize=5,
+                          color="black", label="mean over tasks, 95% t CI" if index == 0 else None)
+    axis.axhline(1.0, label=PREDICT_MEAN_LABEL, **PREDICT_MEAN_STYLE)
+    _log_if_wide(axis, [r for row in rows for r in row["ratios"].values()] + [1.0], "y")
+    axis.set_xticks(range(len(rows)))
+    axis.set_xticklabels([f"{row['learner_name']}\n{row['shape']}" for row in rows], fontsize=7)
+    axis.set_ylabel("final error / predict-the-mean level")
+    axis.set_title("error relative to predicting the mean return, per task and across tasks", fontsize=10)
+    _legend(figure, axis, len(tasks) + 2)
+    axis.grid(alpha=0.3, axis="y")
+    return _save(figure, out, "across_tasks", keep)

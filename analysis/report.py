@@ -147,6 +147,9 @@ def write_report(
             figures.append(plots.frontier([p for p in front if p["task"] == task], out, task, task_levels, kept))
     if along_rows:
         figures.append(plots.along(along_rows, out, along, levels, kept))
+    normalised = tables.across_tasks(table, levels)
+    if normalised:
+        figures.append(plots.across_tasks(normalised, out, kept))
     the_verdict = verdict(table, levels, decimals)
     biased = any(row["biased"] for row in table)
     seeds = results.sql(
@@ -204,7 +207,6 @@ def write_report(
         _markdown_table(paper_table, levels),
         "",
     ]
-    normalised = tables.across_tasks(table, levels)
     if normalised:
         lines += [
             "## Across tasks: error relative to predicting the mean return",

@@ -236,6 +236,8 @@ def test_across_tasks_errors_are_in_units_of_each_tasks_predict_mean_level(tmp_p
     row = ("| tbptt (selection, biased) | 2:4 | 2 | 0.325 [0.325, 0.325] (n=3) | +0.125 [+0.125, +0.125] | 1 of 2 | "
            "2 of 2 | 0.150 | 0.500 |")
     assert row in text  # the per-task columns in task order: breakout, pong
+    assert "![across_tasks](across_tasks.png)" in text
+    assert (tmp_path / "out" / "across_tasks.png").stat().st_size > 5_000
     one_task = across_tasks(comparison(load(str(tmp_path), "games")), {"pong": levels["pong"]})
     assert one_task == []  # one task with a known level: nothing to average
     write_sweep(tmp_path, "one", range(3), noise=0.0)
