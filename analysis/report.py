@@ -28,20 +28,21 @@ class Report:
 
 
 def _markdown_table(table: list[dict], levels: dict) -> str:
-    """The table in markdown, in one number format, with each task's reference levels under it."""
+    """The table in markdown, one number format per task, with each task's reference levels under it."""
     header = tables.HEADER
-    decimals = tables.table_decimals(table, levels)
+    decimals = tables.task_decimals(table, levels)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(tables._cells(row, decimals, levels.get(row["task"]))) + " |" for row in table]
+    lines += ["| " + " | ".join(tables._cells(row, decimals[row["task"]], levels.get(row["task"]))) + " |"
+              for row in table]
     lines += [""] + _reference_notes(sorted({row["task"] for row in table}), levels, decimals)
     if any(tables.blown_up(row.get("values") or {}, levels.get(row["task"])) for row in table):
         lines += ["", tables.BLOWN_UP_NOTE[0].upper() + tables.BLOWN_UP_NOTE[1:] + "."]
     return "\n".join(lines)
 
 
-def _reference_notes(tasks: list[str], levels: dict, decimals: int) -> list[str]:
-    return [f"Reference levels, {describe(levels[task], lambda v: f'{v:.{decimals}f}')}." for task in tasks
-            if task in levels]
+def _reference_notes(tasks: list[str], levels: dict, decimals: dict[str, int]) -> list[str]:
+    return [f"Reference levels, {describe(levels[task], lambda v, task=task: f'{v:.{decimals[task]}f}')}."
+            for task in tasks if task in levels]
 
 
 def _run_notes(results: Results) -> list[str]:
@@ -130,7 +131,7 @@ def write_report(
     front = tables.frontier(table)
     along_rows = tables.along(results, table, along) if along else []  # a bad parameter fails before any figure
     levels = reference_levels(results) if levels is None else levels
-    decimals = tables.table_decimals(table, levels)
+    decimals = tables.task_decimals(table, levels)
     kept: dict | None = {} if keep_figures else None
     figures = []
     for task in sorted({row["task"] for row in table}):

@@ -410,6 +410,16 @@ def table_decimals(table: list[dict], levels: dict | None = None) -> int:
     return decimals_for(values)
 
 
+def task_decimals(table: list[dict], levels: dict | None = None) -> dict[str, int]:
+    """task -> its rows' one fixed-point format (table_decimals of the task's rows and levels): tasks of
+    different scales (Atari games) each keep their significant digits in one table."""
+    levels = levels or {}
+    return {
+        task: table_decimals([r for r in table if r["task"] == task], {task: levels[task]} if task in levels else {})
+        for task in sorted({r["task"] for r in table})
+    }
+
+
 def _level_values(task_levels) -> list[float]:
     return [v for v in (task_levels.predict_zero, task_levels.predict_mean) if v is not None]
 
@@ -454,20 +464,21 @@ def versus_mean_level(error: Interval, task_levels) -> str:
 
 
 def format_table(table: list[dict], levels: dict | None = None) -> str:
-    """The compute-matched table as plain text (the terminal's main table): one number format, each
-    task's reference levels (analysis.references) under it, and a line saying which intervals."""
+    """The compute-matched table as plain text (the terminal's main table): one number format per task
+    (task_decimals), each task's reference levels (analysis.references) under it, and a line saying
+    which intervals."""
     if not table:
         return "no results yet"
     from analysis.references import describe
 
-    decimals = table_decimals(table, levels)
+    decimals = task_decimals(table, levels)
     header = HEADER
-    body = [_cells(row, decimals, (levels or {}).get(row["task"])) for row in table]
+    body = [_cells(row, decimals[row["task"]], (levels or {}).get(row["task"])) for row in table]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     references = [
-        "reference levels: " + describe(levels[task], lambda v: f"{v:.{decimals}f}")
+        "reference levels: " + describe(levels[task], lambda v, task=task: f"{v:.{decimals[task]}f}")
         for task in sorted({row["task"] for row in table})
         if levels and task in levels
     ]

@@ -30,8 +30,11 @@ def task_verdict(task: str, table: list[dict], levels, decimals: int) -> list[st
         return [f"{task}: no learner has a finished run yet."]
     if all(r["stage"] == "evaluation" for r in scored):
         stage = "winners on fresh evaluation seeds"
-    elif any(r["biased"] for r in scored):
+    elif all(r["biased"] for r in scored if r["stage"] != "evaluation"):
         stage = "selection seeds, biased: run the evaluation stage"
+    elif any(r["biased"] for r in scored):
+        biased = ", ".join(_name(r) for r in scored if r["biased"])
+        stage = f"selection seeds; biased for {biased} (several settings): run the evaluation stage"
     else:
         stage = "one setting per learner, unbiased"
     lines = [f"{task} ({stage}):"]
@@ -110,9 +113,10 @@ def task_verdict(task: str, table: list[dict], levels, decimals: int) -> list[st
     return lines
 
 
-def verdict(table: list[dict], levels: dict, decimals: int) -> str:
-    """The verdict of every task of the table (levels: task -> TaskLevels), as plain text."""
+def verdict(table: list[dict], levels: dict, decimals: dict[str, int]) -> str:
+    """The verdict of every task of the table (levels: task -> TaskLevels; decimals: task -> its number
+    format, analysis.tables.task_decimals), as plain text."""
     lines = ["Verdict (from the numbers above):"]
     for task in sorted({r["task"] for r in table}):
-        lines += task_verdict(task, table, levels.get(task), decimals)
+        lines += task_verdict(task, table, levels.get(task), decimals[task])
     return "\n".join(lines)

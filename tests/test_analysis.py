@@ -289,6 +289,39 @@ def test_a_table_uses_one_number_format_and_shows_the_reference_levels(tmp_path)
     assert "below (0.99x)" in standing["columnar"]  # zero-width interval, just below the level
 
 
+def test_each_task_of_a_table_keeps_its_own_number_format(tmp_path):
+    # Atari games differ 100-fold in scale: one format for both printed Pong's errors as 0.00 [0.00, 0.00]
+    small = {name: (kind, shape, flops, ops, {alpha: error / 50 for alpha, error in errors.items()})
+             for name, (kind, shape, flops, ops, errors) in LEARNERS.items()}  # fmt: skip
+    large = {name: (kind, shape, flops, ops, {alpha: error * 20 for alpha, error in errors.items()})
+             for name, (kind, shape, flops, ops, errors) in LEARNERS.items()}  # fmt: skip
+    write_sweep(tmp_path, "scales", range(3), noise=0.0, learners=small, task="pong")
+    write_sweep(tmp_path, "scales", range(3), noise=0.0, learners=large, task="qbert")
+    levels = {"pong": TaskLevels("pong", 0.08, 0.055), "qbert": TaskLevels("qbert", 12.0, 4.0)}
+    report = write_report(str(tmp_path), tmp_path / "out", "scales", levels=levels)
+    text = report.path.read_text()
+    pong = next(line for line in text.splitlines() if line.startswith("| pong | 1 | ccn | 20:4:100 |"))
+    qbert = next(line for line in text.splitlines() if line.startswith("| qbert | 1 | ccn | 20:4:100 |"))
+    assert "| 0.00200 [0.00200, 0.00200] |" in pong  # 0.1 / 50, four digits of the task's largest number
+    assert "| 2.00 [2.00, 2.00] |" in qbert  # 0.1 x 20: four digits of 12.00, qbert's predict-0 level
+    assert "Reference levels, pong: predict 0 = 0.08000" in text
+    assert "Reference levels, qbert: predict 0 = 12.00" in text
+    assert "ccn 20:4:100, 0.00200 [0.00200, 0.00200]" in report.verdict  # the verdict too
+    printed = format_table(report.table, levels)
+    assert "0.00200 [0.00200, 0.00200]" in printed and "2.00 [2.00, 2.00]" in printed
+
+
+def test_the_verdict_names_which_learners_are_selection_biased_when_others_had_one_setting(tmp_path):
+    mixed = {name: (kind, shape, flops, ops, errors if name == "tbptt" else {0.01: errors[0.01]})
+             for name, (kind, shape, flops, ops, errors) in LEARNERS.items()}  # fmt: skip
+    write_sweep(tmp_path, "mixed", range(3), noise=0.0, learners=mixed)
+    report = write_report(str(tmp_path), tmp_path / "out", "mixed", levels={"t": TaskLevels("t", 0.5, 0.45)})
+    assert "t (selection seeds; biased for tbptt 2:4 (several settings): run the evaluation stage):" in report.verdict
+    write_sweep(tmp_path, "single", range(3), noise=0.0, learners={k: v for k, v in mixed.items() if k != "tbptt"})
+    report = write_report(str(tmp_path), tmp_path / "out2", "single", levels={"t": TaskLevels("t", 0.5, 0.45)})
+    assert "t (one setting per learner, unbiased):" in report.verdict
+
+
 def test_selection_reads_settings_whose_values_hold_commas(tmp_path):
     """A section 9 learner's `learner_settings` is a JSON object ('{"activation": "tanh", "units": 27}'):
     its ', ' is not a separator of the config text (the first real RTU sweep crashed `select` on it)."""
