@@ -295,24 +295,31 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
 
 
 def stop_started_processes(children_before: Collection[int], grace: float = 2.0) -> None:
-    """Stop this process's children that are not in `children_before`, and their descendants.
+    """Stop this process's children that are not in `children_before`, and all their descendants.
 
     A Ctrl-C inside `ray.init` can land before Ray records the node it is starting; `ray.shutdown`
     then stops nothing, and the raylet's agents would outlive the driver by tens of seconds. Only
-    what this driver started is stopped: SIGTERM, then SIGKILL after `grace` seconds.
+    what this driver started is stopped. The tree is frozen first (SIGSTOP, repeated until no new
+    process appears), so that nothing in it starts another process while it is being stopped, then
+    killed (SIGKILL): a Ray start that was interrupted has nothing to save.
     """
-    started = [child for child in psutil.Process().children() if child.pid not in children_before]
-    for child in list(started):
-        with contextlib.suppress(psutil.Error):
-            started += child.children(recursive=True)
-    for process in started:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(started, timeout=grace)
-    for process in alive:
+    frozen: dict[int, psutil.Process] = {}
+    for _ in range(10):
+        tree = [child for child in psutil.Process().children() if child.pid not in children_before]
+        for child in list(tree):
+            with contextlib.suppress(psutil.Error):
+                tree += child.children(recursive=True)
+        new = [process for process in tree if process.pid not in frozen]
+        if not new:
+            break
+        for process in new:
+            with contextlib.suppress(psutil.Error):
+                process.suspend()
+                frozen[process.pid] = process
+    for process in frozen.values():
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    psutil.wait_procs(list(frozen.values()), timeout=grace)
 
 
 def _connect(address: str | None, num_cpus: int | None) -> bool:
