@@ -36,9 +36,14 @@ def install() -> None:
     Also when the process started with SIGINT ignored (`ccn run ... &` from a script, `setsid`):
     Python leaves an inherited SIG_IGN alone, so Ctrl-C or `kill -INT` would not stop the sweep.
     """
-    _requested.clear()
+    reset()
     for signum in SIGNALS:
         signal.signal(signum, _handle)
+
+
+def reset() -> None:
+    """Forget a recorded stop (a process that runs several commands, e.g. a test session)."""
+    _requested.clear()
 
 
 def requested() -> bool:
@@ -59,9 +64,8 @@ def shielded(action: Callable[[], None]) -> None:
     while True:
         try:
             action()
+            break
         except KeyboardInterrupt:
             interrupted = True
-            continue
-        break
     if interrupted:
         raise KeyboardInterrupt

@@ -279,7 +279,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         return False
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
-    children_before = {child.pid for child in psutil.Process().children()}
+    children_before = set() if address else {child.pid for child in psutil.Process().children()}
     try:
         started = _connect(address, num_cpus)
         interrupts.check()  # a Ctrl-C that Python dropped while Ray started (orchestrator.interrupts)

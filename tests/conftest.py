@@ -37,4 +37,4 @@ def signal_handling_of_its_own():
     yield
     for signum, handler in before.items():
         signal.signal(signum, handler)
-    interrupts._requested.clear()
+    interrupts.reset()
